@@ -1,0 +1,20 @@
+"""Reward functions and the machinery that scores responses with them.
+
+Importing the package registers the built-in rewards, so that any process,
+including a scorer worker, sees them once it has imported `rewards`.
+"""
+
+from rewards import math_answer  # noqa: F401  (registers "math")
+from rewards.budget import apply_budget
+from rewards.registry import RewardFn, UnknownRewardError, get_reward, register, reward_names
+from rewards.scoring import RewardScorer
+
+__all__ = [
+    "RewardFn",
+    "RewardScorer",
+    "UnknownRewardError",
+    "apply_budget",
+    "get_reward",
+    "register",
+    "reward_names",
+]

@@ -1,0 +1,53 @@
+"""The `math` reward: is the response's final answer equal to the gold answer?
+
+Equality is mathematical, not textual (`0.5` equals `\\frac{1}{2}`), which is
+what `math_verify` provides. Its default extraction prefers a `\\boxed{...}`
+answer and otherwise takes the last expression in the text.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from math_verify import parse, verify
+
+from rewards.registry import register
+from rl.records import RewardResult, Task
+
+_TIMEOUT_SECONDS = 5
+
+
+@register("math")
+def math_reward(task: Task, response: str) -> RewardResult:
+    """1.0 if the response's answer equals `reward_spec["answer"]`, else 0.0."""
+    if "answer" not in task.reward_spec:
+        raise ValueError(f"task {task.task_id!r}: reward_spec has no 'answer' key")
+    timeout = _timeout_seconds()
+    # Wrapping the gold answer in math delimiters lets LaTeX answers
+    # (`\frac{1}{2}`, `x^2+1`) parse, which bare-expression extraction rejects.
+    gold = parse(f"${task.reward_spec['answer']}$", parsing_timeout=timeout)
+    if not gold:
+        raise ValueError(
+            f"task {task.task_id!r}: cannot parse reward_spec['answer'] "
+            f"{task.reward_spec['answer']!r}"
+        )
+    predicted = parse(response, parsing_timeout=timeout)
+    if not predicted:
+        return RewardResult(0.0, "no_answer")
+    if verify(gold, predicted, timeout_seconds=timeout):
+        return RewardResult(1.0, "correct")
+    return RewardResult(0.0, "wrong_answer")
+
+
+def _timeout_seconds() -> int | None:
+    """The time limit to give math_verify, or None to run without one.
+
+    math_verify bounds its sympy work with `signal.alarm`, which Python only
+    allows on the main thread; anywhere else it raises instead of scoring.
+    Scorer worker processes run rewards on their main thread, so they keep the
+    limit. Other threads run without it: a pathological expression can then
+    stall that thread, which is why bulk scoring belongs in worker processes.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return _TIMEOUT_SECONDS
+    return None

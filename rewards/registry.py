@@ -1,0 +1,92 @@
+"""Name -> reward function registry.
+
+Tasks name their reward (`Task.reward`) instead of carrying code, so a task file
+stays plain data and every process that scores it, including worker processes,
+can resolve the same name to the same function. Rewards come from two places:
+modules in this package that use `@register`, and installed distributions that
+declare a `k2rl.rewards` entry point, so new rewards ship without editing this
+package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+
+from rl.records import RewardResult, Task
+
+RewardFn = Callable[[Task, str], RewardResult]
+"""Scores one response (the decoded text) to one task."""
+
+ENTRY_POINT_GROUP = "k2rl.rewards"
+
+_REWARDS: dict[str, RewardFn] = {}
+
+# Discovered entry points, by name. Filled on the first lookup miss, because
+# scanning installed distributions costs a directory walk over sys.path.
+_entry_points: dict[str, EntryPoint] | None = None
+
+
+class UnknownRewardError(ValueError):
+    """No registered reward or entry point has the requested name."""
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register the decorated function as the reward called `name`.
+
+    Registering a second, different function under a taken name raises, since
+    silently replacing a reward would change what a run optimises. Registering
+    the same function again is allowed so that re-importing a module is harmless.
+    """
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        existing = _REWARDS.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(
+                f"reward {name!r} is already registered to "
+                f"{existing.__module__}.{existing.__qualname__}"
+            )
+        _REWARDS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_reward(name: str) -> RewardFn:
+    """Return the reward called `name`, loading it from its entry point if needed."""
+    if name in _REWARDS:
+        return _REWARDS[name]
+    entry_point = _discovered_entry_points().get(name)
+    if entry_point is None:
+        raise UnknownRewardError(
+            f"unknown reward {name!r} (registered: {', '.join(reward_names())})"
+        )
+    _REWARDS[name] = _load(entry_point)
+    return _REWARDS[name]
+
+
+def reward_names() -> list[str]:
+    """All reward names: registered ones and those declared by entry points."""
+    return sorted(_REWARDS.keys() | _discovered_entry_points().keys())
+
+
+def _discovered_entry_points() -> dict[str, EntryPoint]:
+    global _entry_points
+    if _entry_points is None:
+        _entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return _entry_points
+
+
+def _load(entry_point: EntryPoint) -> RewardFn:
+    """Import an entry point's function, naming the entry point if that fails.
+
+    The bare import error would only name a module, which does not tell the
+    reader which reward, or which installed plugin, is broken.
+    """
+    try:
+        return entry_point.load()
+    except Exception as exc:
+        raise ImportError(
+            f"reward entry point {entry_point.name!r} ({entry_point.value}) "
+            f"failed to load: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -1,0 +1,86 @@
+"""Scores a batch of responses, optionally across worker processes.
+
+Reward checks such as sympy simplification are CPU-bound Python, so threads
+would serialise on the GIL; separate processes run them in parallel.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from types import TracebackType
+
+from rewards.budget import apply_budget
+from rewards.registry import get_reward
+from rl.records import RewardResult, Task
+
+
+class RewardScorer:
+    """Looks up each task's reward, scores the response, applies the budget penalty.
+
+    With `num_workers == 0` scoring runs in the calling process, one item after
+    another. With `num_workers > 0` it runs on a process pool that lives as long
+    as the scorer, so worker start-up (importing sympy and friends) is paid once,
+    not per batch. The pool uses `spawn` because the caller may hold CUDA
+    contexts and threads, which a forked child would inherit in a broken state.
+    """
+
+    def __init__(self, num_workers: int) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self._pool: ProcessPoolExecutor | None = None
+        if num_workers > 0:
+            self._pool = ProcessPoolExecutor(
+                max_workers=num_workers, mp_context=multiprocessing.get_context("spawn")
+            )
+
+    def score(
+        self, items: Sequence[tuple[Task, str, bool]], budget_penalty: float
+    ) -> list[RewardResult]:
+        """Score `(task, response, truncated)` items; results are in input order.
+
+        Reward names are resolved here first so that a misnamed reward fails
+        the whole call at once instead of turning every result into an error.
+        """
+        for name in {task.reward for task, _, _ in items}:
+            get_reward(name)
+        tasks = [task for task, _, _ in items]
+        responses = [response for _, response, _ in items]
+        mapper = map if self._pool is None else self._pool.map
+        results = mapper(_score_one, tasks, responses)
+        return [
+            apply_budget(result, truncated, budget_penalty)
+            for result, (_, _, truncated) in zip(results, items)
+        ]
+
+    def close(self) -> None:
+        """Shut the worker processes down; the scorer cannot score afterwards."""
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> RewardScorer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _score_one(task: Task, response: str) -> RewardResult:
+    """Run one reward, turning its exception into a zero-score result.
+
+    One malformed response or task must not cost the whole batch. Runs in
+    worker processes too: importing this module there imports the `rewards`
+    package, which registers the built-in rewards, and `get_reward` finds
+    entry-point rewards the same way it does in the parent.
+    """
+    reward = get_reward(task.reward)
+    try:
+        return reward(task, response)
+    except Exception as exc:
+        return RewardResult(0.0, f"reward_error: {type(exc).__name__}: {exc}")

@@ -1,0 +1,215 @@
+"""Typed run configuration: YAML file + dotted command-line overrides -> validated dataclasses.
+
+Every mistake is reported as one `ConfigError` line that names the key (or file)
+before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key or file."""
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model directory; empty means the embedded default policy,
+    # built by `k2rl bootstrap` on first use.
+    path: str = ""
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    # JSONL files of tasks; empty means the built-in arithmetic task generator.
+    train_path: str = ""
+    eval_path: str = ""
+    prompts_per_step: int = 16
+    eval_size: int = 200
+    eval_every: int = 5
+
+
+@dataclass
+class RolloutConfig:
+    n_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # K2 budget control: the maximum response tokens per task type.
+    token_budgets: dict[str, int] = field(default_factory=lambda: {"arithmetic": 32})
+    default_token_budget: int = 64
+    num_engines: int = 1
+    kv_cache_gib: int = 1
+    max_model_len: int = 256
+    engine_start_timeout_s: float = 300.0
+
+
+@dataclass
+class RewardConfig:
+    # A response cut at its token budget gets this instead of its reward.
+    budget_penalty: float = 0.0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    data_parallel_size: int = 2
+    # tau of the K1.5/K2 objective: weight of the log-ratio penalty.
+    tau: float = 0.1
+    lr: float = 3e-4
+    muon_lr: float = 0.02
+    weight_decay: float = 0.0
+    micro_batch_size: int = 16
+    optimizer_steps_per_batch: int = 1
+    reset_optimizer_each_step: bool = False
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "k2rl"
+    steps: int = 20
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> None:
+        """Reject combinations that cannot work, naming the keys involved."""
+        positive = {
+            "steps": self.steps,
+            "data.prompts_per_step": self.data.prompts_per_step,
+            "data.eval_size": self.data.eval_size,
+            "data.eval_every": self.data.eval_every,
+            "rollout.n_samples": self.rollout.n_samples,
+            "rollout.default_token_budget": self.rollout.default_token_budget,
+            "rollout.num_engines": self.rollout.num_engines,
+            "rollout.kv_cache_gib": self.rollout.kv_cache_gib,
+            "rollout.max_model_len": self.rollout.max_model_len,
+            "trainer.data_parallel_size": self.trainer.data_parallel_size,
+            "trainer.micro_batch_size": self.trainer.micro_batch_size,
+            "trainer.optimizer_steps_per_batch": self.trainer.optimizer_steps_per_batch,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        for task_type, budget in self.rollout.token_budgets.items():
+            if budget <= 0:
+                raise ConfigError(f"rollout.token_budgets.{task_type} must be > 0, got {budget}")
+        if self.rollout.temperature < 0:
+            raise ConfigError(f"rollout.temperature must be >= 0, got {self.rollout.temperature}")
+        if not 0 < self.rollout.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        if self.trainer.tau <= 0:
+            raise ConfigError(f"trainer.tau must be > 0, got {self.trainer.tau}")
+        if self.model.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
+        batch = self.data.prompts_per_step * self.rollout.n_samples
+        shards = self.trainer.data_parallel_size * self.trainer.optimizer_steps_per_batch
+        if batch % shards:
+            raise ConfigError(
+                f"batch of data.prompts_per_step x rollout.n_samples = {batch} trajectories does not divide "
+                f"into trainer.data_parallel_size x trainer.optimizer_steps_per_batch = {shards} equal parts"
+            )
+        for key in ("model.path", "data.train_path", "data.eval_path"):
+            section, name = key.split(".")
+            path = getattr(getattr(self, section), name)
+            if path and not Path(path).exists():
+                raise ConfigError(f"{key}: {path} does not exist")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (or the defaults), apply `a.b.c=value` overrides, build and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys")
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(RunConfig, raw, prefix="")
+    config.validate()
+    return config
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    value = yaml.safe_load(text) if text else ""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(key_type, k, f"{key}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key} has unsupported type {hint}")
+    raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")

