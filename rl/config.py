@@ -49,6 +49,8 @@ class RolloutConfig:
     num_engines: int = 1
     kv_cache_gib: int = 1
     max_model_len: int = 256
+    # CUDA graphs / compilation pay off on GPU; on CPU eager mode starts in seconds.
+    enforce_eager: bool = True
     engine_start_timeout_s: float = 300.0
 
 
@@ -64,8 +66,8 @@ class TrainerConfig:
     data_parallel_size: int = 2
     # tau of the K1.5/K2 objective: weight of the log-ratio penalty.
     tau: float = 0.1
+    # One learning rate for both optimizers: Muon's update is scaled to AdamW's RMS.
     lr: float = 3e-4
-    muon_lr: float = 0.02
     weight_decay: float = 0.0
     micro_batch_size: int = 16
     optimizer_steps_per_batch: int = 1
@@ -204,6 +206,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads `3e-5` (no dot) as a string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -127,6 +127,9 @@ class PromptSampler:
         self._generated = arithmetic_train_problems(seed, exclude)
         self._drawn = 0
 
+    def reward_names(self) -> set[str]:
+        return {task.reward for task in self._pool} if self._pool is not None else {"math"}
+
     def sample(self, count: int) -> list[Task]:
         tasks = []
         for _ in range(count):

@@ -1,0 +1,121 @@
+"""`k2rl` command line: train, bootstrap.
+
+Every expected failure (bad config, missing file, unknown reward, an engine that
+does not start) ends with one `k2rl: error: ...` line and exit status 2, after the
+Ray cluster and its actors have been shut down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from rewards import UnknownRewardError
+from rl.config import ConfigError, load_config
+
+EXIT_ERROR = 2
+
+
+def _fail(message: str) -> int:
+    print(f"k2rl: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """`k2rl train [CONFIG.yaml] [key=value ...]`: the config file is the one argument without `=`."""
+    files = [a for a in args if "=" not in a]
+    if len(files) > 1:
+        raise ConfigError(f"expected at most one config file, got {', '.join(files)}")
+    return (files[0] if files else None), [a for a in args if "=" in a]
+
+
+def _init_ray(verbose: bool) -> None:
+    import ray
+
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        object_store_memory=256 * 1024**2,
+        runtime_env={"env_vars": env},
+    )
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from rl.controller import Controller, EngineStartError, resolve_model_path
+
+    try:
+        config_path, overrides = _split_config_args(ns.config_and_overrides)
+        config = load_config(config_path, overrides)
+        run_dir = Path(ns.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        controller = Controller(config, run_dir)
+        model_path = resolve_model_path(config)
+    except (ConfigError, UnknownRewardError, ValueError, OSError) as error:
+        return _fail(str(error))
+
+    import ray
+
+    _init_ray(ns.verbose)
+    try:
+        summary = controller.run(model_path)
+    except (EngineStartError, ConfigError, UnknownRewardError) as error:
+        return _fail(str(error))
+    except ray.exceptions.RayError as error:
+        return _fail(f"a Ray worker failed: {str(error).strip().splitlines()[-1]}")
+    finally:
+        ray.shutdown()
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    print(
+        f"k2rl: done in {summary.seconds / 60:.1f} min; eval accuracy {summary.initial_eval_accuracy:.3f} -> "
+        f"{summary.final_eval_accuracy:.3f}; weight version {summary.weight_version}; outputs in {summary.run_dir}"
+    )
+    return 0
+
+
+def cmd_bootstrap(ns: argparse.Namespace) -> int:
+    from rl.bootstrap import BootstrapSpec, bootstrap, default_policy_dir
+
+    out_dir = Path(ns.out) if ns.out else default_policy_dir()
+    report = bootstrap(out_dir, BootstrapSpec())
+    print(
+        f"k2rl: built the default policy in {report.seconds:.0f} s: {report.parameters:,} parameters, "
+        f"{report.sft_steps} SFT steps, held-out accuracy {report.eval_accuracy:.3f}; saved to {out_dir}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k2rl", description="Kimi K2-style RL post-training for LLMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run the RL loop")
+    train.add_argument(
+        "config_and_overrides", nargs="*", metavar="CONFIG|key=value",
+        help="an optional YAML config followed by dotted overrides, e.g. trainer.lr=1e-4",
+    )
+    train.add_argument("--run-dir", help="output folder (default runs/<name>-<timestamp>/)")
+    train.add_argument("--verbose", action="store_true", help="show Ray and vLLM worker logs")
+    train.set_defaults(handler=cmd_train)
+
+    boot = commands.add_parser("bootstrap", help="(re)build the embedded default policy")
+    boot.add_argument("--out", help="output folder (default: the cache used by `k2rl train`)")
+    boot.set_defaults(handler=cmd_bootstrap)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = build_parser().parse_args(argv)
+    return ns.handler(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

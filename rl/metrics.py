@@ -1,0 +1,54 @@
+"""Run outputs a person reads: metrics.jsonl, TensorBoard events and the reward plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, global_step=row["step"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+        if self.rows:
+            plot_rewards(self.rows, self.run_dir / "reward.png")
+
+
+def plot_rewards(rows: list[dict[str, Any]], out_path: Path) -> None:
+    """Training reward and held-out accuracy against step, on one figure."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    reward = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
+    accuracy = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    if reward:
+        axis.plot(*zip(*reward), label="train reward (mean)", color="tab:blue", alpha=0.8)
+    if accuracy:
+        axis.plot(*zip(*accuracy), label="held-out accuracy (greedy)", color="tab:orange", marker="o")
+    axis.set_xlabel("step")
+    axis.set_ylabel("reward / accuracy")
+    axis.set_ylim(-0.05, 1.05)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=120)
+    plt.close(figure)
