@@ -2,7 +2,8 @@
 
 Equality is mathematical, not textual (`0.5` equals `\\frac{1}{2}`), which is
 what `math_verify` provides. Its default extraction prefers a `\\boxed{...}`
-answer and otherwise takes the last expression in the text.
+answer and otherwise takes the last expression in the text. When the gold answer
+is a number, the response must state a number, not an expression that equals it.
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ def math_reward(task: Task, response: str) -> RewardResult:
     predicted = parse(response, parsing_timeout=timeout)
     if not predicted:
         return RewardResult(0.0, "no_answer")
+    # A policy can otherwise leave the arithmetic to the checker ("54 - 18" equals 36
+    # symbolically): a numeric gold answer must be answered with a number.
+    if _is_number(gold[0]) and not _is_number(predicted[0]):
+        return RewardResult(0.0, "unevaluated_answer")
     if verify(gold, predicted, timeout_seconds=timeout):
         return RewardResult(1.0, "correct")
     return RewardResult(0.0, "wrong_answer")
+
+
+def _is_number(parsed: object) -> bool:
+    return bool(getattr(parsed, "is_Number", False))
 
 
 def _timeout_seconds() -> int | None:

@@ -40,6 +40,8 @@ def _init_ray(verbose: bool) -> None:
 
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     ray.init(
+        # Single-node runs stay on loopback; a cluster job connects with `ray start` instead.
+        _node_ip_address="127.0.0.1",
         include_dashboard=False,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,

@@ -44,7 +44,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     # K2 budget control: the maximum response tokens per task type.
-    token_budgets: dict[str, int] = field(default_factory=lambda: {"arithmetic": 32})
+    token_budgets: dict[str, int] = field(default_factory=lambda: {"arithmetic": 48})
     default_token_budget: int = 64
     num_engines: int = 1
     kv_cache_gib: int = 1

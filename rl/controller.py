@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,8 @@ class Controller:
         completions = cluster.generate(self.eval_tasks, sampling)
         return accuracy(self.eval_tasks, [c.text for c in completions])
 
-    def run(self, model_path: str) -> RunSummary:
+    def run(self, model_path: str, on_step: Callable[[int, Cluster], None] | None = None) -> RunSummary:
+        """Run every iteration; `on_step(step, cluster)` is called after each weight update."""
         config = self.config
         start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +187,8 @@ class Controller:
                     final = row["eval_accuracy"] = self.evaluate(cluster)
                     row["time_eval_s"] = time.perf_counter() - eval_start
                 metrics.log(row)
+                if on_step is not None:
+                    on_step(step, cluster)
                 progress.set_postfix(reward=f"{row['reward_mean']:.3f}", eval=f"{final:.3f}")
             cluster.save(self.run_dir / "final")
             return RunSummary(self.run_dir, initial, final, time.perf_counter() - start, cluster.weight_version)

@@ -26,12 +26,32 @@ _ITEMS = ("apples", "coins", "books", "pens", "cards", "stones", "shells", "stam
 @dataclass(frozen=True)
 class ArithmeticProblem:
     question: str
-    equation: str
+    a: int
+    op: str
+    b: int
     answer: int
 
-    def solution(self) -> str:
-        """The worked answer the warm-start SFT teaches: the equation, then the boxed result."""
-        return f"{self.equation} = {self.answer}. The answer is \\boxed{{{self.answer}}}."
+    def direct_solution(self) -> str:
+        return f"The answer is \\boxed{{{self.answer}}}."
+
+    def worked_solution(self) -> str:
+        """Column arithmetic, one digit at a time, then the boxed answer.
+
+        Each step is a one-digit fact, which even a tiny model can get right; the
+        direct answer asks for the whole result in one go.
+        """
+        (a_tens, a_units), (b_tens, b_units) = divmod(self.a, 10), divmod(self.b, 10)
+        if self.op == "+":
+            carry = (a_units + b_units) // 10
+            steps = f"{a_units} + {b_units} = {a_units + b_units}, {a_tens} + {b_tens} + {carry} = {a_tens + b_tens + carry}"
+        elif self.op == "-":
+            borrow = int(a_units < b_units)
+            steps = f"{a_units + 10 * borrow} - {b_units} = {a_units + 10 * borrow - b_units}, {a_tens} - {b_tens} - {borrow} = {a_tens - b_tens - borrow}"
+        elif self.a >= 10:
+            steps = f"{a_tens * 10} * {self.b} = {a_tens * 10 * self.b}, {a_units} * {self.b} = {a_units * self.b}"
+        else:
+            steps = f"{self.a} * {self.b} = {self.answer}"
+        return f"{steps}. The answer is \\boxed{{{self.answer}}}."
 
 
 def arithmetic_problem(rng: random.Random) -> ArithmeticProblem:
@@ -41,15 +61,15 @@ def arithmetic_problem(rng: random.Random) -> ArithmeticProblem:
     if kind == "add":
         a, b = rng.randint(2, 60), rng.randint(2, 60)
         question = f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?"
-        return ArithmeticProblem(question, f"{a} + {b}", a + b)
+        return ArithmeticProblem(question, a, "+", b, a + b)
     if kind == "sub":
         a = rng.randint(10, 99)
         b = rng.randint(1, a)
         question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
-        return ArithmeticProblem(question, f"{a} - {b}", a - b)
+        return ArithmeticProblem(question, a, "-", b, a - b)
     a, b = rng.randint(2, 12), rng.randint(2, 9)
     question = f"{name} has {a} bags with {b} {item} in each. How many {item} are there in total?"
-    return ArithmeticProblem(question, f"{a} * {b}", a * b)
+    return ArithmeticProblem(question, a, "*", b, a * b)
 
 
 def arithmetic_task(problem: ArithmeticProblem, task_id: str) -> Task:

@@ -47,6 +47,8 @@ class TrainerWorker:
             # Trainer ranks share the machine's cores with each other and with the engines.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+        # All ranks share this node: keep gloo's traffic on the loopback interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group(
             "nccl" if use_cuda else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=10)
         )

@@ -144,6 +144,9 @@ def test_entry_point_import_failure_names_entry_point(plugin: None) -> None:
         (r"\frac{1}{2}", "The answer is 0.5", RewardResult(1.0, "correct")),
         ("12", r"I think it is \boxed{13}", RewardResult(0.0, "wrong_answer")),
         ("12", "I do not know.", RewardResult(0.0, "no_answer")),
+        # Leaving the arithmetic to the checker is not an answer.
+        ("36", "54 - 18 = }.", RewardResult(0.0, "unevaluated_answer")),
+        ("36", r"\boxed{54-18}", RewardResult(0.0, "unevaluated_answer")),
     ],
 )
 def test_math_reward(answer: object, response: str, expected: RewardResult) -> None:

@@ -1,0 +1,31 @@
+"""Shared fixtures: one tiny policy and one Ray cluster per test session (the machine has 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rl.bootstrap import BootstrapSpec, bootstrap
+
+# A few SFT steps are enough to exercise the bootstrap path and give a model with
+# the right tokenizer, chat template and architecture; its accuracy does not matter.
+TINY_SPEC = BootstrapSpec(num_layers=2, sft_steps=5, eval_size=8, sft_batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("policy") / "tiny"
+    bootstrap(path, TINY_SPEC)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    yield ray
+    ray.shutdown()

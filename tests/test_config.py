@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from rl.cli import main
+from rl.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert load_config(ROOT / "configs" / "default.yaml") == RunConfig()
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["trainer.lr=3e-5", "rollout.n_samples=4", "steps=7", "rollout.token_budgets.code=99"])
+    assert config.trainer.lr == pytest.approx(3e-5)
+    assert config.rollout.n_samples == 4 and config.steps == 7
+    assert config.rollout.token_budgets["code"] == 99
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.lrr=1"], "unknown key trainer.lrr"),
+        (["bogus=1"], "unknown key bogus"),
+        (["trainer.lr=fast"], "trainer.lr must be float"),
+        (["rollout.n_samples=2.5"], "rollout.n_samples must be int"),
+        (["trainer=3"], "trainer must be a mapping"),
+        (["steps=0"], "steps must be > 0"),
+        (["rollout.n_samples=3", "data.prompts_per_step=3"], "does not divide"),
+        (["model.path=/no/such/model"], "model.path: /no/such/model does not exist"),
+        (["data.train_path=/no/such.jsonl"], "data.train_path: /no/such.jsonl does not exist"),
+        (["rollout.token_budgets.math=0"], "rollout.token_budgets.math must be > 0"),
+        (["novalue"], "must look like key.sub=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def _run_cli(capsys, *args) -> tuple[int, list[str]]:
+    code = main(["train", *args])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, lines
+
+
+def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
+    code, lines = _run_cli(capsys, "trainer.data_parallel_size=3", f"--run-dir={tmp_path}")
+    assert code == 2
+    assert lines == [
+        "k2rl: error: batch of data.prompts_per_step x rollout.n_samples = 128 trajectories does not divide "
+        "into trainer.data_parallel_size x trainer.optimizer_steps_per_batch = 3 equal parts"
+    ]
+
+
+def test_cli_missing_model_path(capsys, tmp_path):
+    code, lines = _run_cli(capsys, f"model.path={tmp_path}", f"--run-dir={tmp_path / 'run'}")
+    assert code == 2
+    assert len(lines) == 1 and "model.path" in lines[0] and "no config.json" in lines[0]
+
+
+def test_cli_unknown_reward(capsys, tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"prompt": "1 + 1?", "answer": "2", "reward": "no_such_reward"}\n')
+    code, lines = _run_cli(capsys, f"data.train_path={tasks}", f"--run-dir={tmp_path / 'run'}")
+    assert code == 2
+    assert len(lines) == 1 and "unknown reward 'no_such_reward'" in lines[0]

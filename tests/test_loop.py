@@ -1,0 +1,80 @@
+"""The whole loop for real: Ray, a vLLM engine, two gloo trainer ranks, in-place weight updates."""
+
+import json
+
+import pytest
+import torch
+
+from rl.config import load_config
+from rl.controller import Controller
+from rl.records import Task
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster, tmp_path):
+    config = load_config(
+        None,
+        [
+            "steps=2",
+            "data.prompts_per_step=4",
+            "rollout.n_samples=4",
+            "data.eval_size=8",
+            "data.eval_every=1",
+            "trainer.micro_batch_size=4",
+            "trainer.optimizer_steps_per_batch=2",
+            f"model.path={tiny_policy}",
+        ],
+    )
+    controller = Controller(config, tmp_path / "run")
+    probe = Task("probe", ({"role": "user", "content": "Tom has 3 coins and finds 4 more. How many?"},), "arithmetic", "math", {"answer": "7"})
+    checks = []
+
+    def compare_logprobs(step, cluster):
+        sequence = ray_cluster.get(cluster.engines[0].render.remote(probe)) + [20, 21, 22, 23]
+        engine = torch.tensor(ray_cluster.get(cluster.engines[0].sequence_logprobs.remote(sequence)))
+        trainer = torch.tensor(ray_cluster.get(cluster.trainers[1].sequence_logprobs.remote(sequence)))
+        checks.append((step, cluster.weight_version, (engine - trainer).abs().max().item()))
+
+    summary = controller.run(str(tiny_policy), on_step=compare_logprobs)
+
+    assert summary.weight_version == 2
+    assert [(step, version) for step, version, _ in checks] == [(1, 1), (2, 2)]
+    assert all(diff < 1e-3 for _, _, diff in checks), checks
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[-1]
+    for row in rows[1:]:
+        for key in ("reward_mean", "response_len_mean", "truncated_frac", "loss", "weight_version",
+                    "logprob_diff_mean", "time_rollout_s", "time_reward_s", "time_train_s", "time_weight_sync_s"):
+            assert key in row, key
+        assert row["logprob_diff_mean"] < 1e-3
+        # Each step's rollouts come from the previous step's weights.
+        assert row["rollout_weight_version"] == row["weight_version"] - 1
+    assert (tmp_path / "run" / "reward.png").stat().st_size > 0
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    _check_final_checkpoint(tmp_path / "run" / "final", ray_cluster)
+
+
+def _check_final_checkpoint(final_dir, ray_cluster):
+    """The final directory loads in transformers and in a fresh vLLM engine, with the same logprobs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.loss import token_logprobs
+    from rollout.engine import EngineSpec, RolloutEngine
+
+    model = AutoModelForCausalLM.from_pretrained(final_dir)
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Ana has 5 pens."}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.no_grad():
+        expected = token_logprobs(model(torch.tensor([ids])).logits, torch.tensor([ids]), 1.0)[0]
+    engine = ray_cluster.remote(num_cpus=0)(RolloutEngine).remote(
+        EngineSpec(str(final_dir), "float32", 256, 1, 0, enforce_eager=True)
+    )
+    try:
+        got = torch.tensor(ray_cluster.get(engine.sequence_logprobs.remote(ids)))
+    finally:
+        ray_cluster.kill(engine)
+    assert (got - expected).abs().max().item() < 1e-3
