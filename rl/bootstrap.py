@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,7 +61,9 @@ def ensure_default_policy() -> Path:
     """Return the cached default policy, building it on first use."""
     path = default_policy_dir()
     if not (path / "bootstrap.json").exists():
-        bootstrap(path, BootstrapSpec())
+        print(f"k2rl: building the default policy into {path} (one time, a few minutes)", file=sys.stderr)
+        report = bootstrap(path, BootstrapSpec())
+        print(f"k2rl: default policy built in {report.seconds:.0f} s: {report.describe()}", file=sys.stderr)
     return path
 
 
@@ -142,6 +145,9 @@ class BootstrapReport:
     eval_accuracy: float
     seconds: float
     parameters: int
+
+    def describe(self) -> str:
+        return f"{self.parameters:,} parameters, {self.sft_steps} SFT steps, held-out accuracy {self.eval_accuracy:.3f}"
 
 
 def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:

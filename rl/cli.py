@@ -8,7 +8,6 @@ Ray cluster and its actors have been shut down.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -38,7 +37,7 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 def _init_ray(verbose: bool) -> None:
     import ray
 
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    env = {"TOKENIZERS_PARALLELISM": "false"}
     ray.init(
         # Single-node runs stay on loopback; a cluster job connects with `ray start` instead.
         _node_ip_address="127.0.0.1",
@@ -59,8 +58,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         run_dir = Path(ns.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         controller = Controller(config, run_dir)
         model_path = resolve_model_path(config)
-    except (ConfigError, UnknownRewardError, ValueError, OSError) as error:
+    except (ConfigError, UnknownRewardError, ImportError, ValueError, OSError) as error:
         return _fail(str(error))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
 
     import ray
 
@@ -71,9 +72,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return _fail(str(error))
     except ray.exceptions.RayError as error:
         return _fail(f"a Ray worker failed: {str(error).strip().splitlines()[-1]}")
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; partial outputs are in {run_dir}")
     finally:
         ray.shutdown()
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     print(
         f"k2rl: done in {summary.seconds / 60:.1f} min; eval accuracy {summary.initial_eval_accuracy:.3f} -> "
         f"{summary.final_eval_accuracy:.3f}; weight version {summary.weight_version}; outputs in {summary.run_dir}"
@@ -86,10 +88,7 @@ def cmd_bootstrap(ns: argparse.Namespace) -> int:
 
     out_dir = Path(ns.out) if ns.out else default_policy_dir()
     report = bootstrap(out_dir, BootstrapSpec())
-    print(
-        f"k2rl: built the default policy in {report.seconds:.0f} s: {report.parameters:,} parameters, "
-        f"{report.sft_steps} SFT steps, held-out accuracy {report.eval_accuracy:.3f}; saved to {out_dir}"
-    )
+    print(f"k2rl: built the default policy in {report.seconds:.0f} s: {report.describe()}; saved to {out_dir}")
     return 0
 
 

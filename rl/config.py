@@ -35,7 +35,7 @@ class DataConfig:
     eval_path: str = ""
     prompts_per_step: int = 16
     eval_size: int = 200
-    eval_every: int = 5
+    eval_every: int = 10
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TrainerConfig:
     # tau of the K1.5/K2 objective: weight of the log-ratio penalty.
     tau: float = 0.1
     # One learning rate for both optimizers: Muon's update is scaled to AdamW's RMS.
-    lr: float = 3e-4
+    lr: float = 5e-4
     weight_decay: float = 0.0
     micro_batch_size: int = 16
     optimizer_steps_per_batch: int = 1
@@ -78,7 +78,7 @@ class TrainerConfig:
 @dataclass
 class RunConfig:
     name: str = "k2rl"
-    steps: int = 20
+    steps: int = 200
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,10 +108,17 @@ class RunConfig:
         for task_type, budget in self.rollout.token_budgets.items():
             if budget <= 0:
                 raise ConfigError(f"rollout.token_budgets.{task_type} must be > 0, got {budget}")
-        if self.rollout.temperature < 0:
-            raise ConfigError(f"rollout.temperature must be >= 0, got {self.rollout.temperature}")
-        if not 0 < self.rollout.top_p <= 1:
-            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        if self.rollout.temperature <= 0:
+            raise ConfigError(f"rollout.temperature must be > 0 for sampling K responses, got {self.rollout.temperature}")
+        if self.rollout.top_p != 1.0:
+            # The trainer's logprobs do not model the top-p mask, so pi_old would be wrong.
+            raise ConfigError(f"rollout.top_p must be 1.0 (top-p sampling is not supported yet), got {self.rollout.top_p}")
+        longest = max([self.rollout.default_token_budget, *self.rollout.token_budgets.values()])
+        if longest >= self.rollout.max_model_len:
+            raise ConfigError(
+                f"rollout.max_model_len={self.rollout.max_model_len} leaves no room for a prompt with the "
+                f"largest token budget ({longest})"
+            )
         if self.trainer.tau <= 0:
             raise ConfigError(f"trainer.tau must be > 0, got {self.trainer.tau}")
         if self.model.dtype not in ("float32", "bfloat16", "float16"):
@@ -128,6 +135,8 @@ class RunConfig:
             path = getattr(getattr(self, section), name)
             if path and not Path(path).exists():
                 raise ConfigError(f"{key}: {path} does not exist")
+        if self.data.train_path and not self.data.eval_path:
+            raise ConfigError("data.eval_path is required when data.train_path is set")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

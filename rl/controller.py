@@ -11,6 +11,7 @@ It moves token ids and numbers between processes, never weights.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -60,7 +61,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _first_line(error: BaseException) -> str:
+def _error_summary(error: BaseException) -> str:
+    """The last line of a remote error's text: the exception itself, without the traceback."""
     cause = getattr(error, "cause", None) or error
     lines = [line for line in str(cause).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(cause).__name__
@@ -71,6 +73,25 @@ class Cluster:
 
     def __init__(self, config: RunConfig, model_path: str):
         self.config = config
+        self.engines: list = []
+        self.trainers: list = []
+        self.weight_version = 0
+        try:
+            self._start(model_path)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, model_path: str) -> None:
+        config = self.config
+        # On GPU every actor takes one device (disaggregated mode); on CPU they share the cores.
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        per_actor_gpus = 1 if gpus else 0
+        needed = config.rollout.num_engines + config.trainer.data_parallel_size
+        if gpus and gpus < needed:
+            raise ConfigError(
+                f"rollout.num_engines + trainer.data_parallel_size = {needed} GPUs needed, the Ray cluster has {gpus}"
+            )
         spec = EngineSpec(
             model_path=model_path,
             dtype=config.model.dtype,
@@ -80,7 +101,7 @@ class Cluster:
             enforce_eager=config.rollout.enforce_eager,
         )
         # Actors ask for no CPU slots: engines and trainers take turns on the same cores.
-        engine_actor = ray.remote(num_cpus=0)(RolloutEngine)
+        engine_actor = ray.remote(num_cpus=0, num_gpus=per_actor_gpus)(RolloutEngine)
         self.engines = [engine_actor.remote(spec) for _ in range(config.rollout.num_engines)]
         for index, engine in enumerate(self.engines):
             try:
@@ -91,15 +112,14 @@ class Cluster:
                     f"{config.rollout.engine_start_timeout_s:g}s"
                 ) from None
             except ray.exceptions.RayError as error:
-                raise EngineStartError(f"rollout engine {index} failed to start: {_first_line(error)}") from None
-        trainer_actor = ray.remote(num_cpus=0)(TrainerWorker)
+                raise EngineStartError(f"rollout engine {index} failed to start: {_error_summary(error)}") from None
+        trainer_actor = ray.remote(num_cpus=0, num_gpus=per_actor_gpus)(TrainerWorker)
         world, port = config.trainer.data_parallel_size, _free_port()
         self.trainers = [
             trainer_actor.remote(rank, world, port, model_path, config.model.dtype, config.trainer, config.seed)
             for rank in range(world)
         ]
         ray.get([trainer.__ray_ready__.remote() for trainer in self.trainers])
-        self.weight_version = 0
 
     def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Completion]:
         """Spread tasks over the engines in contiguous chunks; results come back in task order."""
@@ -144,7 +164,18 @@ class Cluster:
         ray.get(self.trainers[0].save.remote(str(out_dir)))
 
     def shutdown(self) -> None:
-        ray.get([trainer.shutdown.remote() for trainer in self.trainers])
+        """Release the trainers' shared memory and process group, then stop every actor.
+
+        A trainer stuck in a collective (a peer died, Ctrl-C) cannot answer, so the
+        polite request is bounded and the actors are killed regardless.
+        """
+        try:
+            ray.get([trainer.shutdown.remote() for trainer in self.trainers], timeout=30)
+        except Exception:  # noqa: BLE001 - cleanup must reach the kills below
+            pass
+        for actor in self.engines + self.trainers:
+            ray.kill(actor)
+        self.engines, self.trainers = [], []
 
 
 class Controller:
@@ -161,22 +192,25 @@ class Controller:
         rollout = self.config.rollout
         return rollout.token_budgets.get(task.task_type, rollout.default_token_budget)
 
-    def evaluate(self, cluster: Cluster) -> float:
+    def evaluate(self, cluster: Cluster, scorer: RewardScorer) -> float:
+        """Greedy accuracy on the held-out tasks; a response cut at its budget counts as wrong."""
         sampling = [SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=self._budget(t)) for t in self.eval_tasks]
         completions = cluster.generate(self.eval_tasks, sampling)
-        return accuracy(self.eval_tasks, [c.text for c in completions])
+        items = [(c.task, c.text, c.finish_reason == "length") for c in completions]
+        return accuracy(scorer.score(items, self.config.reward.budget_penalty))
 
     def run(self, model_path: str, on_step: Callable[[int, Cluster], None] | None = None) -> RunSummary:
         """Run every iteration; `on_step(step, cluster)` is called after each weight update."""
         config = self.config
         start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         metrics = MetricsLogger(self.run_dir)
         scorer = RewardScorer(config.reward.num_workers)
         cluster = None
         try:
             cluster = Cluster(config, model_path)
-            initial = self.evaluate(cluster)
+            initial = self.evaluate(cluster, scorer)
             metrics.log({"step": 0, "weight_version": 0, "eval_accuracy": initial})
             final = initial
             progress = tqdm(range(1, config.steps + 1), desc="k2rl train", unit="step")
@@ -184,7 +218,7 @@ class Controller:
                 row = self._iteration(step, cluster, scorer)
                 if step % config.data.eval_every == 0 or step == config.steps:
                     eval_start = time.perf_counter()
-                    final = row["eval_accuracy"] = self.evaluate(cluster)
+                    final = row["eval_accuracy"] = self.evaluate(cluster, scorer)
                     row["time_eval_s"] = time.perf_counter() - eval_start
                 metrics.log(row)
                 if on_step is not None:
@@ -214,7 +248,9 @@ class Controller:
             [(c.task, c.text, c.finish_reason == "length") for c in completions], config.reward.budget_penalty
         )
         rewards = [r.score for r in results]
-        advantages = group_advantages(rewards, [c.task.task_id for c in completions])
+        # Completions come back task by task, n_samples each: a group is a run of n_samples.
+        groups = [index // config.rollout.n_samples for index in range(len(completions))]
+        advantages = group_advantages(rewards, groups)
         trajectories = [
             Trajectory(
                 task=c.task,
@@ -225,7 +261,6 @@ class Controller:
                 weight_version=c.weight_version,
                 finish_reason=c.finish_reason,
                 response_text=c.text,
-                group_index=c.group_index,
             )
             for c in completions
         ]
@@ -239,7 +274,9 @@ class Controller:
 
         reasons: dict[str, int] = {}
         for result in results:
-            reasons[result.reason] = reasons.get(result.reason, 0) + 1
+            # "reward_error: ValueError: ..." counts as "reward_error".
+            kind = result.reason.split(":")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
         return {
             "step": step,
             "reward_mean": sum(rewards) / len(rewards),

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from rewards import get_reward
-from rl.records import Task
+from rewards import RewardScorer
+from rl.records import RewardResult, Task
 
 
-def accuracy(tasks: list[Task], responses: list[str]) -> float:
-    correct = sum(get_reward(task.reward)(task, response).score >= 1.0 for task, response in zip(tasks, responses))
-    return correct / len(tasks)
+def accuracy(results: list[RewardResult]) -> float:
+    return sum(result.score >= 1.0 for result in results) / len(results)
 
 
 @torch.no_grad()
@@ -32,4 +31,5 @@ def greedy_accuracy_hf(model, tokenizer, tasks: list[Task], max_new_tokens: int,
         )
         responses += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     model.train()
-    return accuracy(tasks, responses)
+    with RewardScorer(num_workers=0) as scorer:
+        return accuracy(scorer.score([(task, text, False) for task, text in zip(tasks, responses)], budget_penalty=0.0))

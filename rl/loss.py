@@ -11,12 +11,14 @@ term keeps several optimizer steps on one batch close to pi_old.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 
 
-def group_advantages(rewards: list[float], group_ids: list[str]) -> list[float]:
+def group_advantages(rewards: list[float], group_ids: list[Hashable]) -> list[float]:
     """r_i - rbar(x): each reward minus the mean reward of the responses to the same prompt."""
-    totals: dict[str, list[float]] = {}
+    totals: dict[Hashable, list[float]] = {}
     for reward, group in zip(rewards, group_ids):
         totals.setdefault(group, []).append(reward)
     means = {group: sum(values) / len(values) for group, values in totals.items()}

@@ -38,7 +38,6 @@ class Trajectory:
     weight_version: int
     finish_reason: str
     response_text: str
-    group_index: int
 
     @property
     def truncated(self) -> bool:

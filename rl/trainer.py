@@ -57,7 +57,8 @@ class TrainerWorker:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         model.config.use_cache = False
         self.model = model
-        self.ddp = DistributedDataParallel(model)
+        # The only buffers (rotary tables) are identical on every rank: no need to broadcast them.
+        self.ddp = DistributedDataParallel(model, forward_sync_buffers=False)
         self.optimizer = MuonWithAdamW(model, config)
         self.weight_block = SharedWeightBlock(self._full_state()) if rank == 0 else None
 

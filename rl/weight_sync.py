@@ -8,6 +8,8 @@ engine never restarts, and each update carries a version number.
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -55,11 +57,13 @@ class SharedWeightBlock:
             slots.append(TensorSlot(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self._slots = tuple(slots)
+        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else offset
+        if free < offset:
+            raise RuntimeError(
+                f"weight sync needs {offset / 2**30:.2f} GiB of shared memory, /dev/shm has {free / 2**30:.2f} GiB free "
+                "(in Docker, raise --shm-size)"
+            )
         self._block = shared_memory.SharedMemory(name=f"k2rl-w-{uuid.uuid4().hex[:12]}", create=True, size=max(offset, 1))
-
-    @property
-    def name(self) -> str:
-        return self._block.name
 
     def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> WeightManifest:
         tensors = dict(named_tensors)
@@ -74,7 +78,11 @@ class SharedWeightBlock:
 
 @contextmanager
 def mapped_weights(manifest: WeightManifest) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The reader's side: zero-copy tensor views into the writer's block, valid inside the `with`."""
+    """The reader's side: zero-copy tensor views into the writer's block.
+
+    The views are valid only inside the `with`: the list is emptied on exit, and a
+    view kept past it would point at unmapped memory.
+    """
     block = shared_memory.SharedMemory(name=manifest.block_name)
     # Python 3.11 registers even attached blocks for cleanup; only the writer may unlink.
     resource_tracker.unregister(block._name, "shared_memory")  # noqa: SLF001
@@ -82,7 +90,7 @@ def mapped_weights(manifest: WeightManifest) -> Iterator[list[tuple[str, torch.T
     try:
         yield tensors
     finally:
-        del tensors
+        tensors.clear()
         block.close()
 
 

@@ -45,15 +45,14 @@ class Completion:
     finish_reason: str
     text: str
     weight_version: int
-    group_index: int
 
 
 class RolloutEngine:
     """Run as a Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
 
     def __init__(self, spec: EngineSpec):
-        # The CPU backend reserves most of the machine for KV cache unless told otherwise.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
+        # vLLM's legacy variable would silently override rollout.kv_cache_gib.
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         # Keep the engine core inside this actor: one process to start, kill and clean up.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -70,9 +69,20 @@ class RolloutEngine:
             enable_prefix_caching=False,
             disable_log_stats=True,
             enforce_eager=spec.enforce_eager,
+            # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would
+            # reserve most of the machine and a GPU engine most of the device.
+            kv_cache_memory_bytes=spec.kv_cache_gib * 1024**3,
         )
         self._tokenizer = self._llm.get_tokenizer()
         self.weight_version = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny generation, so that a model the backend cannot run fails here, at start."""
+        from vllm import SamplingParams, TokensPrompt
+
+        token = self._tokenizer.eos_token_id or 0
+        self._llm.generate([TokensPrompt(prompt_token_ids=[token, token])], SamplingParams(max_tokens=2), use_tqdm=False)
 
     def ready(self) -> int:
         return self.weight_version
@@ -101,7 +111,7 @@ class RolloutEngine:
         )
         completions = []
         for task, ids, output in zip(tasks, prompt_ids, outputs):
-            for index, sample in enumerate(output.outputs):
+            for sample in output.outputs:
                 response_ids = list(sample.token_ids)
                 logprobs = (
                     [step[token].logprob for step, token in zip(sample.logprobs, response_ids)]
@@ -117,13 +127,15 @@ class RolloutEngine:
                         finish_reason=sample.finish_reason or "stop",
                         text=sample.text,
                         weight_version=self.weight_version,
-                        group_index=index,
                     )
                 )
         return completions
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        """Log-probability of each token of a fixed sequence given the ones before it (first excluded)."""
+        """Log-probability of each token of a fixed sequence given the ones before it (first excluded).
+
+        Compared with `TrainerWorker.sequence_logprobs` to check that a weight update landed.
+        """
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)

@@ -1,0 +1,1 @@
+"""Sandboxed code execution for code rewards (planned: Docker pool with a local fallback)."""

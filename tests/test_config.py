@@ -33,6 +33,9 @@ def test_overrides_are_typed():
         (["data.train_path=/no/such.jsonl"], "data.train_path: /no/such.jsonl does not exist"),
         (["rollout.token_budgets.math=0"], "rollout.token_budgets.math must be > 0"),
         (["novalue"], "must look like key.sub=value"),
+        (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["rollout.top_p=0.9"], "rollout.top_p must be 1.0"),
+        (["rollout.max_model_len=64"], "rollout.max_model_len=64 leaves no room"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -73,6 +76,8 @@ def test_cli_missing_model_path(capsys, tmp_path):
 def test_cli_unknown_reward(capsys, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"prompt": "1 + 1?", "answer": "2", "reward": "no_such_reward"}\n')
-    code, lines = _run_cli(capsys, f"data.train_path={tasks}", f"--run-dir={tmp_path / 'run'}")
+    code, lines = _run_cli(
+        capsys, f"data.train_path={tasks}", f"data.eval_path={tasks}", f"--run-dir={tmp_path / 'run'}"
+    )
     assert code == 2
     assert len(lines) == 1 and "unknown reward 'no_such_reward'" in lines[0]
