@@ -1,14 +1,16 @@
-"""Scores a batch of responses, optionally across worker processes.
+"""Scores a batch of responses, optionally across worker processes or threads.
 
 Reward checks such as sympy simplification are CPU-bound Python, so threads
-would serialise on the GIL; separate processes run them in parallel.
+would serialise on the GIL; separate processes run them in parallel. Rewards that
+mostly wait (on a sandbox, a judge) are better served by threads, which share
+one sandbox pool.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from types import TracebackType
 
 from rewards.budget import apply_budget
@@ -26,11 +28,13 @@ class RewardScorer:
     contexts and threads, which a forked child would inherit in a broken state.
     """
 
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, threads: bool = False) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self._pool: ProcessPoolExecutor | None = None
-        if num_workers > 0:
+        self._pool: Executor | None = None
+        if num_workers > 0 and threads:
+            self._pool = ThreadPoolExecutor(max_workers=num_workers)
+        elif num_workers > 0:
             self._pool = ProcessPoolExecutor(
                 max_workers=num_workers, mp_context=multiprocessing.get_context("spawn")
             )
@@ -38,7 +42,13 @@ class RewardScorer:
     def score(
         self, items: Sequence[tuple[Task, str, bool]], budget_penalty: float
     ) -> list[RewardResult]:
-        """Score `(task, response, truncated)` items; results are in input order.
+        """Score `(task, response, truncated)` items; results are in input order."""
+        return list(self.score_iter(items, budget_penalty))
+
+    def score_iter(
+        self, items: Sequence[tuple[Task, str, bool]], budget_penalty: float
+    ) -> Iterator[RewardResult]:
+        """Like `score`, but yields each result, in input order, as soon as it is ready.
 
         Reward names are resolved here first so that a misnamed reward fails
         the whole call at once instead of turning every result into an error.
@@ -49,10 +59,8 @@ class RewardScorer:
         responses = [response for _, response, _ in items]
         mapper = map if self._pool is None else self._pool.map
         results = mapper(_score_one, tasks, responses)
-        return [
-            apply_budget(result, truncated, budget_penalty)
-            for result, (_, _, truncated) in zip(results, items)
-        ]
+        for result, (_, _, truncated) in zip(results, items):
+            yield apply_budget(result, truncated, budget_penalty)
 
     def close(self) -> None:
         """Shut the worker processes down; the scorer cannot score afterwards."""

@@ -1,4 +1,4 @@
-"""`k2rl` command line: train, bootstrap.
+"""`k2rl` command line: train, bootstrap, score.
 
 Every expected failure (bad config, missing file, unknown reward, an engine that
 does not start) ends with one `k2rl: error: ...` line and exit status 2, after the
@@ -92,6 +92,24 @@ def cmd_bootstrap(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(ns: argparse.Namespace) -> int:
+    from rewards.offline import score_jsonl
+
+    input_path, output_path = Path(ns.input), Path(ns.output)
+    if not input_path.is_file():
+        return _fail(f"--input {input_path} does not exist")
+    if ns.concurrency < 1:
+        return _fail(f"--concurrency must be >= 1, got {ns.concurrency}")
+    try:
+        summary = score_jsonl(ns.reward, input_path, output_path, ns.concurrency)
+    except (UnknownRewardError, ImportError, OSError) as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; {output_path} is incomplete")
+    print(f"k2rl: scored {summary.describe()}; wrote {output_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2rl", description="Kimi K2-style RL post-training for LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     boot = commands.add_parser("bootstrap", help="(re)build the embedded default policy")
     boot.add_argument("--out", help="output folder (default: the cache used by `k2rl train`)")
     boot.set_defaults(handler=cmd_bootstrap)
+
+    score = commands.add_parser("score", help="score a JSONL file of responses with a registered reward")
+    score.add_argument("--reward", required=True, help="registered reward name, e.g. math")
+    score.add_argument("--input", required=True, help="JSONL: one object per line with `response` and the reward's fields")
+    score.add_argument("--output", required=True, help="JSONL: each input object plus `reward` and `reward_info`")
+    score.add_argument("--concurrency", type=int, default=4, help="responses scored at once (default 4)")
+    score.set_defaults(handler=cmd_score)
     return parser
 
 
