@@ -5,6 +5,8 @@ including a scorer worker, sees them once it has imported `rewards`.
 """
 
 from rewards import math_answer  # noqa: F401  (registers "math")
+from rewards import instruction  # noqa: F401  (registers "instruction")
+from rewards import puzzle  # noqa: F401  (registers "puzzle")
 from rewards.budget import apply_budget
 from rewards.registry import RewardFn, UnknownRewardError, get_reward, register, reward_names
 from rewards.scoring import RewardScorer
