@@ -1,4 +1,4 @@
-"""`k2rl` command line: train, bootstrap, score.
+"""`k2rl` command line: train, bootstrap, score, sandbox, bench.
 
 Every expected failure (bad config, missing file, unknown reward, an engine that
 does not start) ends with one `k2rl: error: ...` line and exit status 2, after the
@@ -8,6 +8,7 @@ Ray cluster and its actors have been shut down.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -110,6 +111,29 @@ def cmd_score(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sandbox_build_image(ns: argparse.Namespace) -> int:
+    from sandboxes import SandboxUnavailable, build_image
+
+    try:
+        build_image(ns.name)
+    except SandboxUnavailable as error:
+        return _fail(str(error))
+    print(f"k2rl: built sandbox image {ns.name}")
+    return 0
+
+
+def cmd_bench_sandbox(ns: argparse.Namespace) -> int:
+    from sandboxes import SandboxUnavailable
+    from sandboxes.bench import run_sandbox_bench
+
+    try:
+        bench = run_sandbox_bench(ns.programs, ns.concurrency, ns.image)
+    except SandboxUnavailable as error:
+        return _fail(str(error))
+    print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2rl", description="Kimi K2-style RL post-training for LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", required=True, help="JSONL: each input object plus `reward` and `reward_info`")
     score.add_argument("--concurrency", type=int, default=4, help="responses scored at once (default 4)")
     score.set_defaults(handler=cmd_score)
+
+    sandbox = commands.add_parser("sandbox", help="manage the code-execution sandbox").add_subparsers(
+        dest="sandbox_command", required=True
+    )
+    build = sandbox.add_parser("build-image", help="build the sandbox image from a Debian root filesystem")
+    build.add_argument("--name", default="k2rl-sandbox:latest", help="image name (default k2rl-sandbox:latest)")
+    build.set_defaults(handler=cmd_sandbox_build_image)
+
+    bench = commands.add_parser("bench", help="benchmarks, measured against a baseline in the same run").add_subparsers(
+        dest="bench_command", required=True
+    )
+    bench_sandbox = bench.add_parser("sandbox", help="warm container pool vs one `docker run` per program")
+    bench_sandbox.add_argument("--programs", type=int, default=200, help="short programs per side (default 200)")
+    bench_sandbox.add_argument("--concurrency", type=int, default=4, help="runs at once, and pool size (default 4)")
+    bench_sandbox.add_argument("--image", default="k2rl-sandbox:latest")
+    bench_sandbox.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_sandbox.set_defaults(handler=cmd_bench_sandbox)
     return parser
 
 

@@ -1,0 +1,120 @@
+"""The `code` reward: run the response's program in a sandbox against unit tests or judge cases.
+
+`reward_spec` carries either
+- `tests`: Python code appended after the program; the run passes only if the
+  tests ran to completion (see `_unit_test_script`), or
+- `cases`: `[{"input": ..., "output": ...}, ...]`; the program runs once per case
+  with `input` on stdin and must print `output` (whitespace-normalised).
+Score 1.0 if everything passes, else 0.0; with `"partial": true`, the fraction of
+cases passed. Reasons name the first failure: `compile_error`, `wrong_answer on
+case 3`, `timeout on case 2`, `memory_limit`, `output_limit`, `tests_failed`, ...
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import secrets
+import threading
+
+from rewards.registry import register
+from rl.records import RewardResult, Task
+from sandboxes import RunRequest, RunResult, Sandbox, SandboxConfig, open_sandbox
+
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+_sandbox: Sandbox | None = None
+_sandbox_lock = threading.Lock()
+
+
+def use_sandbox(sandbox: Sandbox | None) -> None:
+    """Make the `code` reward run programs in `sandbox` (None: open the default one on next use)."""
+    global _sandbox
+    with _sandbox_lock:
+        _sandbox = sandbox
+
+
+def _shared_sandbox() -> Sandbox:
+    global _sandbox
+    with _sandbox_lock:
+        if _sandbox is None:
+            _sandbox = open_sandbox(SandboxConfig())
+            atexit.register(_sandbox.close)
+        return _sandbox
+
+
+def extract_program(response: str) -> str:
+    """The last fenced code block, else the whole response."""
+    blocks = _FENCE.findall(response)
+    return (blocks[-1] if blocks else response).strip()
+
+
+def _normalise(text: str) -> list[str]:
+    return [line.rstrip() for line in text.strip().splitlines()]
+
+
+def _failure_reason(result: RunResult, where: str) -> str:
+    return f"{result.status} {where}".strip() if result.status != "ok" else f"wrong_answer {where}".strip()
+
+
+def _unit_test_script(program: str, tests: str, token: str) -> str:
+    """Program, then tests, then a line that prints a per-run random token.
+
+    A program that exits early (`sys.exit(0)`, `os._exit`) or prints a fake
+    "all passed" never reaches the token line, so it cannot pass; the token is
+    fresh for every run and is not in any file the program can read.
+    """
+    return f"{program}\n\n{tests}\n\nprint({token!r}, flush=True)\n"
+
+
+def _run_unit_tests(sandbox: Sandbox, program: str, tests: str) -> RewardResult:
+    token = f"K2RL-TESTS-DONE-{secrets.token_hex(16)}"
+    script = _unit_test_script(program, tests, token)
+    # The script goes in on stdin (`python3 -`), so no file in the scratch dir holds the token.
+    result = sandbox.run_sync(RunRequest(files={}, command=("python3", "-"), stdin=script))
+    if result.status != "ok":
+        reason = "tests_failed" if result.status == "runtime_error" else result.status
+        return RewardResult(0.0, reason)
+    lines = result.stdout.rstrip("\n").splitlines()
+    if not lines or lines[-1] != token:
+        return RewardResult(0.0, "tests_not_completed")
+    return RewardResult(1.0, "passed")
+
+
+def _run_cases(sandbox: Sandbox, program: str, cases: list[dict], partial: bool) -> RewardResult:
+    passed, first_failure = 0, ""
+    for number, case in enumerate(cases, start=1):
+        if not isinstance(case, dict) or "input" not in case or "output" not in case:
+            raise ValueError(f"case {number} needs 'input' and 'output'")
+        result = sandbox.run_sync(
+            RunRequest(files={"main.py": program}, command=("python3", "main.py"), stdin=str(case["input"]))
+        )
+        if result.status == "ok" and _normalise(result.stdout) == _normalise(str(case["output"])):
+            passed += 1
+            continue
+        first_failure = first_failure or _failure_reason(result, f"on case {number}")
+        if not partial:
+            break
+    score = passed / len(cases) if partial else float(passed == len(cases))
+    return RewardResult(score, "passed" if passed == len(cases) else first_failure, {"cases_passed": float(passed)})
+
+
+@register("code")
+def code_reward(task: Task, response: str) -> RewardResult:
+    spec = task.reward_spec
+    if "tests" not in spec and "cases" not in spec:
+        raise ValueError(f"task {task.task_id!r}: reward_spec needs 'tests' or 'cases'")
+    program = extract_program(response)
+    if not program:
+        return RewardResult(0.0, "no_code")
+    try:
+        compile(program, "main.py", "exec")
+    except (SyntaxError, ValueError):
+        return RewardResult(0.0, "compile_error")
+    sandbox = _shared_sandbox()
+    if "tests" in spec:
+        return _run_unit_tests(sandbox, program, str(spec["tests"]))
+    cases = spec["cases"]
+    if not isinstance(cases, list) or not cases:
+        raise ValueError(f"task {task.task_id!r}: 'cases' must be a non-empty list")
+    return _run_cases(sandbox, program, cases, bool(spec.get("partial", False)))
