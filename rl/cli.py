@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -35,23 +34,8 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return (files[0] if files else None), [a for a in args if "=" in a]
 
 
-def _init_ray(verbose: bool) -> None:
-    import ray
-
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    ray.init(
-        # Single-node runs stay on loopback; a cluster job connects with `ray start` instead.
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.ERROR,
-        object_store_memory=256 * 1024**2,
-        runtime_env={"env_vars": env},
-    )
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
-    from rl.controller import Controller, EngineStartError, resolve_model_path
+    from rl.controller import Controller, EngineStartError, init_local_ray, resolve_model_path
 
     try:
         config_path, overrides = _split_config_args(ns.config_and_overrides)
@@ -66,7 +50,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     import ray
 
-    _init_ray(ns.verbose)
+    init_local_ray(ns.verbose)
     try:
         summary = controller.run(model_path)
     except (EngineStartError, ConfigError, UnknownRewardError) as error:

@@ -12,6 +12,7 @@ It moves token ids and numbers between processes, never weights.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -28,9 +29,9 @@ from rl.data import PromptSampler, load_eval_tasks
 from rl.evaluation import accuracy
 from rl.loss import group_advantages
 from rl.metrics import MetricsLogger
-from rl.records import Task, Trajectory
+from rl.records import RewardResult, Task, Trajectory
 from rl.trainer import TrainerWorker
-from rollout.engine import Completion, EngineSpec, RolloutEngine, SamplingSpec
+from rollout.engine import EngineSpec, RolloutEngine, SamplingSpec
 
 
 class EngineStartError(RuntimeError):
@@ -44,6 +45,19 @@ class RunSummary:
     final_eval_accuracy: float
     seconds: float
     weight_version: int
+
+
+def init_local_ray(verbose: bool = False) -> None:
+    """Start a single-node Ray cluster for one run; `verbose` shows Ray and vLLM worker logs."""
+    ray.init(
+        # Single-node runs stay on loopback; a cluster job connects with `ray start` instead.
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        object_store_memory=256 * 1024**2,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
 
 
 def resolve_model_path(config: RunConfig) -> str:
@@ -121,7 +135,7 @@ class Cluster:
         ]
         ray.get([trainer.__ray_ready__.remote() for trainer in self.trainers])
 
-    def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Completion]:
+    def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Trajectory]:
         """Spread tasks over the engines in contiguous chunks; results come back in task order."""
         count = len(self.engines)
         bounds = [len(tasks) * i // count for i in range(count + 1)]
@@ -195,9 +209,12 @@ class Controller:
     def evaluate(self, cluster: Cluster, scorer: RewardScorer) -> float:
         """Greedy accuracy on the held-out tasks; a response cut at its budget counts as wrong."""
         sampling = [SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=self._budget(t)) for t in self.eval_tasks]
-        completions = cluster.generate(self.eval_tasks, sampling)
-        items = [(c.task, c.text, c.finish_reason == "length") for c in completions]
-        return accuracy(scorer.score(items, self.config.reward.budget_penalty))
+        return accuracy(self._score(scorer, cluster.generate(self.eval_tasks, sampling)))
+
+    def _score(self, scorer: RewardScorer, trajectories: list[Trajectory]) -> list[RewardResult]:
+        """Each response's reward; one cut at its token budget gets the budget penalty instead."""
+        items = [(t.task, t.response_text, t.truncated) for t in trajectories]
+        return scorer.score(items, self.config.reward.budget_penalty)
 
     def run(self, model_path: str, on_step: Callable[[int, Cluster], None] | None = None) -> RunSummary:
         """Run every iteration; `on_step(step, cluster)` is called after each weight update."""
@@ -241,29 +258,14 @@ class Controller:
         ]
 
         started = time.perf_counter()
-        completions = cluster.generate(tasks, sampling)
+        trajectories = cluster.generate(tasks, sampling)
         rollout_done = time.perf_counter()
 
-        results = scorer.score(
-            [(c.task, c.text, c.finish_reason == "length") for c in completions], config.reward.budget_penalty
-        )
+        results = self._score(scorer, trajectories)
         rewards = [r.score for r in results]
-        # Completions come back task by task, n_samples each: a group is a run of n_samples.
-        groups = [index // config.rollout.n_samples for index in range(len(completions))]
+        # Trajectories come back task by task, n_samples each: a group is a run of n_samples.
+        groups = [index // config.rollout.n_samples for index in range(len(trajectories))]
         advantages = group_advantages(rewards, groups)
-        trajectories = [
-            Trajectory(
-                task=c.task,
-                prompt_ids=c.prompt_ids,
-                response_ids=c.response_ids,
-                response_logprobs=c.response_logprobs,
-                loss_mask=[1] * len(c.response_ids),
-                weight_version=c.weight_version,
-                finish_reason=c.finish_reason,
-                response_text=c.text,
-            )
-            for c in completions
-        ]
         reward_done = time.perf_counter()
 
         train_metrics = cluster.train(trajectories, advantages)

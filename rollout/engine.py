@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from rl.records import Task
+from rl.records import Task, Trajectory
 
 WORKER_EXTENSION = "rollout.weight_loader.SharedMemoryWeightLoader"
 
@@ -32,19 +32,6 @@ class SamplingSpec:
     temperature: float
     top_p: float
     max_tokens: int
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One sampled response, before it is scored."""
-
-    task: Task
-    prompt_ids: list[int]
-    response_ids: list[int]
-    response_logprobs: list[float]
-    finish_reason: str
-    text: str
-    weight_version: int
 
 
 class RolloutEngine:
@@ -91,7 +78,7 @@ class RolloutEngine:
         text = self._tokenizer.apply_chat_template(list(task.messages), add_generation_prompt=True, tokenize=False)
         return self._tokenizer.encode(text, add_special_tokens=False)
 
-    def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Completion]:
+    def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Trajectory]:
         """K responses per task (`sampling[i].n`), each within its own token budget."""
         from vllm import SamplingParams, TokensPrompt
 
@@ -119,14 +106,15 @@ class RolloutEngine:
                     else [0.0] * len(response_ids)
                 )
                 completions.append(
-                    Completion(
+                    Trajectory(
                         task=task,
                         prompt_ids=ids,
                         response_ids=response_ids,
                         response_logprobs=logprobs,
-                        finish_reason=sample.finish_reason or "stop",
-                        text=sample.text,
+                        loss_mask=[1] * len(response_ids),
                         weight_version=self.weight_version,
+                        finish_reason=sample.finish_reason or "stop",
+                        response_text=sample.text,
                     )
                 )
         return completions

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,8 @@ def tiny_policy(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    from rl.controller import init_local_ray
+
+    init_local_ray()
     yield ray
     ray.shutdown()
