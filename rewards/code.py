@@ -54,7 +54,8 @@ def _normalise(text: str) -> list[str]:
 
 
 def _failure_reason(result: RunResult, where: str) -> str:
-    return f"{result.status} {where}".strip() if result.status != "ok" else f"wrong_answer {where}".strip()
+    """`timeout on case 2`, or `wrong_answer on case 2` when the program ran but printed the wrong thing."""
+    return f"{'wrong_answer' if result.status == 'ok' else result.status} {where}"
 
 
 def _unit_test_script(program: str, tests: str, token: str) -> str:
@@ -62,7 +63,9 @@ def _unit_test_script(program: str, tests: str, token: str) -> str:
 
     A program that exits early (`sys.exit(0)`, `os._exit`) or prints a fake
     "all passed" never reaches the token line, so it cannot pass; the token is
-    fresh for every run and is not in any file the program can read.
+    fresh for every run and is not in any file the program can read. It does sit
+    in the script's own code object, so a program that inspects its interpreter
+    could still find it.
     """
     return f"{program}\n\n{tests}\n\nprint({token!r}, flush=True)\n"
 

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from .docker_pool import lockdown_options
 from .image import docker_client
 from .limits import RunRequest, SandboxConfig, SandboxLimits
 
@@ -102,15 +103,9 @@ def run_sandbox_bench(programs: int, concurrency: int, image: str) -> SandboxBen
             image,
             ["python3", "-c", f"import sys; sys.stdin = __import__('io').StringIO({text!r})\n{PROGRAM}"],
             remove=True,
-            network_mode="none",
-            read_only=True,
             user="65534:65534",
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            mem_limit=f"{limits.memory_mb}m",
-            pids_limit=limits.max_processes,
-            nano_cpus=int(limits.cpus * 1e9),
             labels={"k2rl.sandbox": "bench"},
+            **lockdown_options(limits.cpus, limits.memory_mb, limits.max_processes),
         )
         return output.decode().strip() == expected[text]
 

@@ -70,6 +70,20 @@ RECYCLE_AFTER_RUNS = 500  # a fresh container now and then, whatever happened
 _FRAME = struct.Struct(">BxxxL")
 
 
+def lockdown_options(cpus: float, memory_mb: int, max_processes: int) -> dict:
+    """Host settings every sandbox container gets: no network, read-only root, no privileges, hard limits."""
+    return {
+        "network_mode": "none",
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "nano_cpus": int(round(cpus * 1e9)),
+        "mem_limit": f"{memory_mb}m",
+        "memswap_limit": f"{memory_mb}m",
+        "pids_limit": max_processes,
+    }
+
+
 def owner_label() -> str:
     return f"{_socket.gethostname()}:{os.getpid()}"
 
@@ -274,19 +288,14 @@ class DockerSandbox(LoopSandbox):
         scratch = self.config.scratch_mb
         api = self._client.api
         host_config = api.create_host_config(
-            network_mode="none",
-            read_only=True,
+            **lockdown_options(
+                wanted.cpus, wanted.memory_mb + HELPER_MEMORY_MB, wanted.max_processes + HELPER_TASKS
+            ),
             tmpfs={
                 "/scratch": f"rw,exec,nosuid,nodev,size={scratch}m,mode=0700,uid={RUN_UID},gid={RUN_UID}",
                 "/tmp": f"rw,exec,nosuid,nodev,size={scratch}m,mode=1777",
             },
             shm_size=f"{min(scratch, 64)}m",
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            nano_cpus=int(round(wanted.cpus * 1e9)),
-            mem_limit=f"{wanted.memory_mb + HELPER_MEMORY_MB}m",
-            memswap_limit=f"{wanted.memory_mb + HELPER_MEMORY_MB}m",
-            pids_limit=wanted.max_processes + HELPER_TASKS,
             ulimits=[Ulimit(name="core", soft=0, hard=0), Ulimit(name="nofile", soft=1024, hard=1024)],
             log_config=LogConfig(type="none"),
             auto_remove=True,
