@@ -3,11 +3,13 @@
 Each container: no network (only `lo`), read-only root file system, every capability dropped,
 no-new-privileges, CPU / memory (no swap) / pids limits, tmpfs for /scratch and /tmp. PID 1 is a
 tiny reaper running as uid 65534; runs execute as uid 10001, so they can neither signal nor trace
-it. A run is one `exec` of a small runner that writes the files into a fresh /scratch/run-<random>
-directory and starts the command there. After every run a second `exec` kills every process of the
-run user, wipes /scratch, /tmp, /dev/shm and /dev/mqueue, and reports leftovers and the OOM-kill
-counter; a container whose cleanup fails, that timed out without dying, or that misbehaved in any
-way is destroyed and replaced, and the pool keeps serving.
+it. One long-lived runner per container (a single `exec`, uid 10001, non-dumpable) takes requests
+over its attached stdin: it writes the files into a fresh /scratch/run-<random> directory, starts
+the command there, forwards the output in frames, and after the program ends kills every process of
+the run user, wipes /scratch, /tmp, /dev/shm and /dev/mqueue, and reports the exit status,
+leftovers and OOM kills. A run therefore costs no Docker API call at all. A container whose cleanup
+fails, whose runner dies, that timed out without stopping, or that misbehaved in any way is
+destroyed and replaced, and the pool keeps serving.
 
 Timeouts, the output cap and OOM kills are judged by the host, never from what a program prints.
 """
@@ -21,14 +23,22 @@ import math
 import os
 import select
 import socket
-import socket as _socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
 
 from . import _exit_cleanup
-from ._container_scripts import CLEANUP, INIT, INIT_UID, RUN_UID, RUNNER, START_MARKER
+from ._container_scripts import (
+    FRAME_FORMAT,
+    FRAME_REPORT,
+    FRAME_STARTED,
+    FRAME_STDOUT,
+    INIT,
+    INIT_UID,
+    RUN_UID,
+    RUNNER,
+)
 from .base import DaemonThreadPool, LoopSandbox, _Ticket
 from .image import docker_client, image_exists
 from .limits import (
@@ -63,11 +73,12 @@ RUN_ENV = {
 HELPER_MEMORY_MB = 32
 HELPER_TASKS = 3
 SETUP_TIMEOUT_S = 15.0  # runner start and file writing, before the program's clock starts
-CLEANUP_TIMEOUT_S = 5.0
-KILL_BUDGET_S = 1.0
+KILL_BUDGET_S = 1.0  # for a run stopped by the host (timeout, output limit) to be cleaned up
 RECYCLE_AFTER_RUNS = 500  # a fresh container now and then, whatever happened
 
-_FRAME = struct.Struct(">BxxxL")
+_DOCKER_FRAME = struct.Struct(">BxxxL")  # Docker's multiplexed exec stream
+_RUNNER_FRAME = struct.Struct(FRAME_FORMAT)
+_KILL_MESSAGE = b'{"op": "kill"}\n'
 
 
 def lockdown_options(cpus: float, memory_mb: int, max_processes: int) -> dict:
@@ -85,7 +96,7 @@ def lockdown_options(cpus: float, memory_mb: int, max_processes: int) -> dict:
 
 
 def owner_label() -> str:
-    return f"{_socket.gethostname()}:{os.getpid()}"
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,8 @@ class _Slot:
         self.index = index
         self.container = None
         self.attach = None  # socket on PID 1's stdin: closing it (or dying) stops the container
+        self.runner: _RunnerChannel | None = None
         self.limits: _ContainerLimits | None = None
-        self.oom: int | None = None
         self.runs = 0
         self.needs_refresh = True
         self.last_error = ""
@@ -141,13 +152,12 @@ class _Stream:
                 except BlockingIOError:
                     continue
                 view = view[sent:]
-        self.raw.shutdown(socket.SHUT_WR)
 
     def next_frame(self, deadline: float) -> tuple[int, bytes] | None:
         """The next (stream, bytes) frame; None at EOF (then `eof` is set) or at the deadline."""
         while True:
             if len(self.buffer) >= 8:
-                kind, size = _FRAME.unpack_from(self.buffer)
+                kind, size = _DOCKER_FRAME.unpack_from(self.buffer)
                 if len(self.buffer) >= 8 + size:
                     data = bytes(self.buffer[8 : 8 + size])
                     del self.buffer[: 8 + size]
@@ -177,6 +187,55 @@ class _Stream:
                 obj.close()
             except Exception:
                 pass
+
+
+class _RunnerChannel:
+    """The host's end of a container's runner: requests go in on its stdin, frames come back on its
+    stdout (inside Docker's stream); what the runner itself says on stderr is kept for errors."""
+
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
+        self.replies = bytearray()
+        self.complaints = bytearray()
+
+    @property
+    def eof(self) -> bool:
+        return self.stream.eof
+
+    def send(self, data: bytes, deadline: float) -> None:
+        self.stream.send_all(data, deadline)
+
+    def next_message(self, deadline: float) -> tuple[int, bytes] | None:
+        """The runner's next (kind, payload); None at EOF (then `eof` is set) or at the deadline."""
+        head = _RUNNER_FRAME.size
+        while True:
+            if len(self.replies) >= head:
+                kind, size = _RUNNER_FRAME.unpack_from(self.replies)
+                if len(self.replies) >= head + size:
+                    payload = bytes(self.replies[head : head + size])
+                    del self.replies[: head + size]
+                    return kind, payload
+            frame = self.stream.next_frame(deadline)
+            if frame is None:
+                return None
+            if frame[0] == 1:
+                self.replies += frame[1]
+            else:
+                self.complaints += frame[1]
+                del self.complaints[:-4000]
+
+    def report(self, deadline: float) -> dict | None:
+        """Skip output until the runner's next report; None if it does not come by `deadline`."""
+        while (message := self.next_message(deadline)) is not None:
+            if message[0] == FRAME_REPORT:
+                return json.loads(message[1])
+        return None
+
+    def complaint(self) -> str:
+        return decode_output(bytes(self.complaints)).strip()[-2000:] or "no message"
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class DockerSandbox(LoopSandbox):
@@ -268,17 +327,18 @@ class DockerSandbox(LoopSandbox):
     # -- containers (worker threads) ------------------------------------------------------------
 
     def _refresh(self, slot: _Slot, limits: SandboxLimits) -> None:
-        """Destroy the slot's container (if any) and start a fresh one with `limits`."""
+        """Destroy the slot's container (if any) and start a fresh one with `limits` and its runner."""
         self._destroy(slot)
         wanted = _ContainerLimits.of(limits)
         container, attach = self._create(wanted)
         slot.container, slot.attach, slot.limits = container, attach, wanted
         slot.runs = 0
-        report = self._cleanup(slot)
+        slot.runner = _RunnerChannel(self._exec(slot, ["python3", "-I", "-S", "-c", RUNNER], "/scratch"))
+        report = slot.runner.report(time.monotonic() + SETUP_TIMEOUT_S)
         if report is None or report["leftover"] or not report["killed"]:
+            problem = report or f"its runner did not start: {slot.runner.complaint()}"
             self._destroy(slot)
-            raise RuntimeError(f"a new sandbox container failed its first check: {report}")
-        slot.oom = report["oom"]
+            raise RuntimeError(f"a new sandbox container failed its first check: {problem}")
         slot.needs_refresh = False
         slot.last_error = ""
 
@@ -333,9 +393,11 @@ class DockerSandbox(LoopSandbox):
         return container, attach
 
     def _destroy(self, slot: _Slot) -> None:
-        container, attach = slot.container, slot.attach
-        slot.container = slot.attach = None
+        container, attach, runner = slot.container, slot.attach, slot.runner
+        slot.container = slot.attach = slot.runner = None
         slot.needs_refresh = True
+        if runner is not None:
+            runner.close()
         if container is not None:
             self._forget(container)
             _remove_quietly(container)
@@ -368,46 +430,7 @@ class DockerSandbox(LoopSandbox):
             workdir=workdir,
             environment=RUN_ENV,
         )["Id"]
-        stream = _Stream(api.exec_start(exec_id, socket=True))
-        stream.exec_id = exec_id
-        return stream
-
-    def _exit_code(self, exec_id: str, wait_s: float = 2.0) -> int | None:
-        end = time.monotonic() + wait_s
-        while True:
-            info = self._client.api.exec_inspect(exec_id)
-            if not info.get("Running") or time.monotonic() > end:
-                return None if info.get("Running") else info.get("ExitCode")
-            time.sleep(0.01)
-
-    def _cleanup(self, slot: _Slot, budget_s: float = CLEANUP_TIMEOUT_S) -> dict | None:
-        """Kill the run user's processes, wipe the writable places; None when that did not work
-        within `budget_s` (the container is then killed and replaced)."""
-        try:
-            stream = self._exec(slot, ["python3", "-I", "-S", "-c", CLEANUP], "/")
-        except Exception as exc:
-            slot.last_error = f"cleanup exec failed: {exc}"
-            return None
-        try:
-            deadline = time.monotonic() + budget_s
-            stream.send_all(b"", deadline)
-            out = bytearray()
-            while (frame := stream.next_frame(deadline)) is not None:
-                if frame[0] == 1:
-                    out += frame[1]
-            if not stream.eof:
-                slot.last_error = "cleanup did not finish"
-                return None
-            code = self._exit_code(stream.exec_id)
-            if code != 0:
-                slot.last_error = f"cleanup exited with {code}"
-                return None
-            return json.loads(bytes(out).decode())
-        except Exception as exc:
-            slot.last_error = f"cleanup failed: {exc}"
-            return None
-        finally:
-            stream.close()
+        return _Stream(api.exec_start(exec_id, socket=True))
 
     def _execute(self, slot: _Slot, request: RunRequest, limits: SandboxLimits):
         """One run in a worker thread: (result, finish), where `finish` (or None) is the cleanup
@@ -441,103 +464,85 @@ class DockerSandbox(LoopSandbox):
         log.warning("sandbox run could not start: %s", failure)
         return _error_result(failure, 0.0), None
 
-    def _attempt(self, slot: _Slot, request: RunRequest, limits: SandboxLimits) -> RunResult:
-        payload = _payload(request, limits, self.config.scratch_mb)
+    def _attempt(self, slot: _Slot, request: RunRequest, limits: SandboxLimits):
+        runner = slot.runner
+        setup_deadline = time.monotonic() + SETUP_TIMEOUT_S
         try:
-            stream = self._exec(slot, ["python3", "-I", "-S", "-c", RUNNER], "/scratch")
-        except Exception as exc:
-            raise _NotStarted(f"could not start the sandbox runner: {type(exc).__name__}: {exc}") from exc
-        try:
-            setup_deadline = time.monotonic() + SETUP_TIMEOUT_S
-            try:
-                stream.send_all(payload, setup_deadline)
-            except OSError as exc:
-                raise _NotStarted(f"could not send the run to the container: {exc}") from exc
-            # The runner writes START_MARKER on stderr right before it forks the program, so the
-            # program can neither precede nor forge it. Stdout frames may overtake it (Docker
-            # copies the two pipes independently); they are the program's and are kept.
-            early_out, preamble = bytearray(), bytearray()
-            marker = len(START_MARKER)
-            while len(preamble) < marker:
-                frame = stream.next_frame(setup_deadline)
-                if frame is None:
-                    break
-                kind, data = frame
-                if kind == 1:
-                    early_out += data
-                    continue
-                preamble += data
-                if not START_MARKER.startswith(bytes(preamble[:marker])):
-                    break
-            if not preamble.startswith(START_MARKER):
-                drain_until = time.monotonic() + 1.0
-                while (frame := stream.next_frame(drain_until)) is not None:
-                    preamble += frame[1]
-                reason = "did not start in time" if not stream.eof else "failed"
-                detail = decode_output(bytes(preamble[-2000:])).replace(START_MARKER.decode(), "").strip()
-                raise _NotStarted(f"the sandbox runner {reason}: {detail}")
+            runner.send(_run_message(request, limits, self.config.scratch_mb), setup_deadline)
+        except OSError as exc:
+            raise _NotStarted(f"could not send the run to the container: {exc}") from exc
+        message = runner.next_message(setup_deadline)
+        if message is None or message[0] != FRAME_STARTED:
+            reason = "failed" if runner.eof else "did not start in time"
+            raise _NotStarted(f"the sandbox runner {reason}: {runner.complaint()}")
 
-            started_at = time.monotonic()
-            deadline = started_at + limits.timeout_s
-            cap = limits.output_bytes
-            out, err = bytearray(), bytearray()
-            total = 0
-            verdict: str | None = None  # timeout / output_limit, decided here and only here
-            pending = [(1, bytes(early_out)), (2, bytes(preamble[marker:]))]
-            while verdict is None:
-                if pending:
-                    kind, data = pending.pop(0)
-                else:
-                    frame = stream.next_frame(deadline)
-                    if frame is None:
-                        if not stream.eof:
-                            verdict = STATUS_TIMEOUT
-                        break
-                    kind, data = frame
-                target = out if kind == 1 else err
-                room = cap - total
-                if len(data) > room:
-                    target += data[:room]
-                    total = cap
-                    verdict = STATUS_OUTPUT_LIMIT
-                else:
-                    target += data
-                    total += len(data)
-            ended_at = time.monotonic()
-            exit_code = self._exit_code(stream.exec_id) if verdict is None else None
-        finally:
-            stream.close()
-
-        duration = ended_at - started_at
+        started_at = time.monotonic()
+        deadline = started_at + limits.timeout_s
+        cap = limits.output_bytes
+        out, err = bytearray(), bytearray()
+        total = 0
+        verdict: str | None = None  # timeout / output_limit, decided here and only here
+        report = None
+        while True:
+            message = runner.next_message(deadline)
+            if message is None:
+                if not runner.eof:
+                    verdict = STATUS_TIMEOUT
+                break
+            kind, data = message
+            if kind == FRAME_REPORT:
+                report = json.loads(data)
+                break
+            target = out if kind == FRAME_STDOUT else err
+            room = cap - total
+            if len(data) > room:
+                target += data[:room]
+                verdict = STATUS_OUTPUT_LIMIT
+                break
+            target += data
+            total += len(data)
+        duration = time.monotonic() - started_at
         stdout, stderr = decode_output(bytes(out)), decode_output(bytes(err))
+
         if verdict is not None:
-            # The program may still be burning CPU (a fork bomb makes the cleanup itself slow): a
+            # The program may still be burning CPU (a fork bomb makes even the cleanup slow): a
             # short budget, then the whole container goes. The caller need not wait for either.
-            return RunResult(verdict, None, stdout, stderr, duration), lambda: self._finish_run(slot, KILL_BUDGET_S)
-        if exit_code is None:
-            # The stream ended but the runner did not: only the program can cause that (it runs as
-            # the same user), so it is the program's failure, not the sandbox's.
+            return RunResult(verdict, None, stdout, stderr, duration), lambda: self._stop_run(slot)
+        if report is None:
+            # The runner's stream ended without a report: only the program can cause that (it runs
+            # as the same user), so it is the program's failure, not the sandbox's.
             self._kill_now(slot)
             return RunResult(STATUS_RUNTIME_ERROR, None, stdout, stderr, duration), None
+        self._check_cleanup(slot, report)
+        exit_code = report["exit_code"]
         if exit_code == 0:
-            return RunResult(STATUS_OK, 0, stdout, stderr, duration), lambda: self._finish_run(slot, CLEANUP_TIMEOUT_S)
-        # A failure: the cleanup's OOM counter tells whether the memory limit caused it.
-        status = STATUS_MEMORY_LIMIT if self._finish_run(slot, CLEANUP_TIMEOUT_S) else STATUS_RUNTIME_ERROR
+            return RunResult(STATUS_OK, 0, stdout, stderr, duration), None
+        status = STATUS_MEMORY_LIMIT if report["oom_killed"] else STATUS_RUNTIME_ERROR
         return RunResult(status, exit_code, stdout, stderr, duration), None
 
-    def _finish_run(self, slot: _Slot, budget_s: float) -> bool:
-        """Clean the slot's container after a run (or mark it for replacement); True when the
-        kernel OOM-killed a process in it since the previous cleanup."""
-        report = self._cleanup(slot, budget_s)
-        if report is None or not report["killed"] or report["leftover"]:
-            if not self._closed:
-                log.info("sandbox container %s replaced (%s)", _short(slot), slot.last_error or report)
+    def _stop_run(self, slot: _Slot) -> None:
+        """Have the runner kill a run the host gave up on and clean up after it, within
+        KILL_BUDGET_S; otherwise the container is replaced."""
+        deadline = time.monotonic() + KILL_BUDGET_S
+        try:
+            slot.runner.send(_KILL_MESSAGE, deadline)
+            report = slot.runner.report(deadline)
+        except (OSError, TimeoutError, ValueError) as exc:
+            slot.last_error = f"stopping the run failed: {exc}"
+            report = None
+        if report is None:
+            slot.last_error = slot.last_error or "the run did not stop in time"
             self._kill_now(slot)
-        oom_killed = False
-        if report is not None and report.get("oom") is not None:
-            oom_killed = slot.oom is not None and report["oom"] > slot.oom
-            slot.oom = report["oom"]
-        return oom_killed
+            return
+        self._check_cleanup(slot, report)
+
+    def _check_cleanup(self, slot: _Slot, report: dict) -> None:
+        """Replace the container when the runner could not kill everything or wipe the scratch."""
+        if report["killed"] and not report["leftover"]:
+            return
+        if not self._closed:
+            log.info("sandbox container %s replaced (%s)", _short(slot), report)
+        self._kill_now(slot)
 
     # -- health and shutdown --------------------------------------------------------------------
 
@@ -590,11 +595,13 @@ class DockerSandbox(LoopSandbox):
         _exit_cleanup.unregister(self)
 
 
-def _payload(request: RunRequest, limits: SandboxLimits, scratch_mb: int) -> bytes:
+def _run_message(request: RunRequest, limits: SandboxLimits, scratch_mb: int) -> bytes:
+    """A request for the runner: one JSON line, then the files' bytes, then stdin's."""
     blobs = [(name, encode_text(content)) for name, content in request.files.items()]
     stdin = encode_text(request.stdin)
     cpu_seconds = int(math.ceil(limits.timeout_s * limits.cpus)) + 1
     header = {
+        "op": "run",
         "files": [(name, len(data)) for name, data in blobs],
         "stdin": len(stdin),
         "command": list(request.command),
@@ -653,7 +660,7 @@ def remove_containers(client, labels: dict[str, str] | None = None) -> int:
 
 def remove_orphans(client) -> int:
     """Remove sandbox containers left by processes of this host that no longer exist."""
-    host = _socket.gethostname()
+    host = socket.gethostname()
     removed = 0
     for container in client.containers.list(all=True, filters={"label": [f"{LABEL}=1"]}):
         owner = container.labels.get(LABEL_OWNER, "")

@@ -34,7 +34,6 @@ import time
 import warnings
 
 from . import _exit_cleanup
-from ._container_scripts import START_MARKER
 from .base import LoopSandbox, _Ticket
 from .limits import (
     STATUS_MEMORY_LIMIT,
@@ -92,6 +91,7 @@ def _warn_once(bwrap: bool) -> None:
 # descendant. SIGTERM (sent by the host on timeout or output limit) makes it do that at once.
 # A separate interpreter instead of a preexec_fn, which is unsafe with threads around. Writes
 # START_MARKER on stderr just before the fork: a run whose stderr lacks it never started.
+START_MARKER = b"\x00k2rl-sandbox-start\x00\n"
 _HELPER = r"""
 import ctypes, json, os, resource, signal, sys, time
 import warnings  # os.execvpe imports it lazily, which may fail once root is dropped

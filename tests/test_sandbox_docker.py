@@ -201,6 +201,41 @@ def test_hostile_program_is_contained(sandbox, name):
     assert_pool_recovers(sandbox)
 
 
+def test_runner_cannot_be_traced_or_impersonated(sandbox):
+    # The runner shares the program's uid but is non-dumpable: its memory and file descriptors
+    # (where a forged report could be written) are closed to the program.
+    result = sandbox.run_sync(
+        py(
+            """
+            import os, struct
+            me = os.getpid()
+            for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, me)]:
+                if open(f"/proc/{pid}/status").read().count("10001") == 0:
+                    continue
+                for path, mode in ((f"/proc/{pid}/fd/1", "wb"), (f"/proc/{pid}/mem", "rb"), (f"/proc/{pid}/environ", "rb")):
+                    try:
+                        with open(path, mode) as f:
+                            f.write(struct.pack(">BI", 0, 2) + b"{}") if "w" in mode else f.read(1)
+                        print("OPENED", path)
+                    except OSError as exc:
+                        print("denied", exc.errno)
+            raise SystemExit(3)
+            """
+        )
+    )
+    assert (result.status, result.exit_code) == ("runtime_error", 3), result
+    assert "OPENED" not in result.stdout
+    assert result.stdout.count("denied") == 3, result.stdout
+    assert_pool_recovers(sandbox)
+
+
+def test_program_that_kills_the_runner_fails_and_the_pool_recovers(sandbox):
+    result, elapsed = timed(sandbox, py("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('done')"))
+    assert result.status == "runtime_error", result
+    assert elapsed <= LIMITS.timeout_s + SLACK_S
+    assert_pool_recovers(sandbox)
+
+
 def test_cannot_write_outside_scratch(sandbox):
     result = sandbox.run_sync(
         py(
