@@ -118,6 +118,17 @@ def cmd_bench_sandbox(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_weight_sync(ns: argparse.Namespace) -> int:
+    from rl.checkpoint_engine_bench import run_weight_sync_bench
+
+    for flag, value in (("--params", ns.params), ("--engines", ns.engines), ("--bucket-mb", ns.bucket_mb), ("--repeats", ns.repeats)):
+        if value <= 0:
+            return _fail(f"{flag} must be > 0, got {value:g}")
+    bench = run_weight_sync_bench(int(ns.params), ns.engines, ns.bucket_mb, ns.repeats)
+    print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2rl", description="Kimi K2-style RL post-training for LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sandbox.add_argument("--image", default="k2rl-sandbox:latest")
     bench_sandbox.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_sandbox.set_defaults(handler=cmd_bench_sandbox)
+    bench_sync = bench.add_parser("weight-sync", help="checkpoint-engine updates into vLLM engines vs memcpy")
+    bench_sync.add_argument("--params", type=float, default=1e8, help="model size in parameters (default 1e8)")
+    bench_sync.add_argument("--engines", type=int, default=2, help="rollout engines (default 2)")
+    bench_sync.add_argument("--bucket-mb", type=float, default=64.0, help="bucket size in MB (default 64)")
+    bench_sync.add_argument("--repeats", type=int, default=3, help="updates per figure; the best counts (default 3)")
+    bench_sync.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_sync.set_defaults(handler=cmd_bench_weight_sync)
     return parser
 
 

@@ -47,11 +47,29 @@ class RolloutConfig:
     token_budgets: dict[str, int] = field(default_factory=lambda: {"arithmetic": 48})
     default_token_budget: int = 64
     num_engines: int = 1
+    # vLLM tensor parallelism inside each engine (GPU only); each worker takes its shards of the
+    # full tensors the checkpoint engine writes.
+    tensor_parallel_size: int = 1
     kv_cache_gib: int = 1
     max_model_len: int = 256
     # CUDA graphs / compilation pay off on GPU; on CPU eager mode starts in seconds.
     enforce_eager: bool = True
     engine_start_timeout_s: float = 300.0
+    # An engine that dies mid-run is restarted this many times before the run gives up.
+    max_engine_restarts: int = 2
+    # "disaggregated": engines and trainer ranks on devices of their own. "colocated": on the same
+    # devices, taking turns (on GPU the engines sleep while the trainer works, and the trainer keeps
+    # its state in host memory while the engines generate). On CPU both share the cores either way.
+    placement: str = "disaggregated"
+
+
+@dataclass
+class CheckpointConfig:
+    # The checkpoint engine moves weights in buckets of this size (a larger tensor group gets a
+    # bucket of its own); two buckets' worth of shared memory are in use at a time.
+    bucket_mb: float = 64.0
+    # How long an engine or the trainer waits for the other side at any step of an update.
+    timeout_s: float = 120.0
 
 
 @dataclass
@@ -63,7 +81,9 @@ class RewardConfig:
 
 @dataclass
 class TrainerConfig:
+    # The trainer ranks form a data_parallel_size x tensor_parallel_size mesh.
     data_parallel_size: int = 2
+    tensor_parallel_size: int = 1
     # tau of the K1.5/K2 objective: weight of the log-ratio penalty.
     tau: float = 0.1
     # One learning rate for both optimizers: Muon's update is scaled to AdamW's RMS.
@@ -73,6 +93,9 @@ class TrainerConfig:
     optimizer_steps_per_batch: int = 1
     reset_optimizer_each_step: bool = False
     max_grad_norm: float = 1.0
+    # QK-Clip (MuonClip): after each update, shrink the query/key projections of any head
+    # whose largest attention logit exceeded this; 0 turns it off.
+    qk_clip_threshold: float = 0.0
 
 
 @dataclass
@@ -85,6 +108,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
         """Reject combinations that cannot work, naming the keys involved."""
@@ -96,9 +120,11 @@ class RunConfig:
             "rollout.n_samples": self.rollout.n_samples,
             "rollout.default_token_budget": self.rollout.default_token_budget,
             "rollout.num_engines": self.rollout.num_engines,
+            "rollout.tensor_parallel_size": self.rollout.tensor_parallel_size,
             "rollout.kv_cache_gib": self.rollout.kv_cache_gib,
             "rollout.max_model_len": self.rollout.max_model_len,
             "trainer.data_parallel_size": self.trainer.data_parallel_size,
+            "trainer.tensor_parallel_size": self.trainer.tensor_parallel_size,
             "trainer.micro_batch_size": self.trainer.micro_batch_size,
             "trainer.optimizer_steps_per_batch": self.trainer.optimizer_steps_per_batch,
         }
@@ -108,6 +134,13 @@ class RunConfig:
         for task_type, budget in self.rollout.token_budgets.items():
             if budget <= 0:
                 raise ConfigError(f"rollout.token_budgets.{task_type} must be > 0, got {budget}")
+        for key, value in (("checkpoint.bucket_mb", self.checkpoint.bucket_mb), ("checkpoint.timeout_s", self.checkpoint.timeout_s)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value:g}")
+        if self.rollout.max_engine_restarts < 0:
+            raise ConfigError(f"rollout.max_engine_restarts must be >= 0, got {self.rollout.max_engine_restarts}")
+        if self.rollout.placement not in ("disaggregated", "colocated"):
+            raise ConfigError(f"rollout.placement must be disaggregated or colocated, got {self.rollout.placement!r}")
         if self.rollout.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0 for sampling K responses, got {self.rollout.temperature}")
         if self.rollout.top_p != 1.0:
@@ -121,6 +154,10 @@ class RunConfig:
             )
         if self.trainer.tau <= 0:
             raise ConfigError(f"trainer.tau must be > 0, got {self.trainer.tau}")
+        if self.trainer.qk_clip_threshold < 0:
+            raise ConfigError(
+                f"trainer.qk_clip_threshold must be >= 0 (0 turns QK-Clip off), got {self.trainer.qk_clip_threshold}"
+            )
         if self.model.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
         batch = self.data.prompts_per_step * self.rollout.n_samples

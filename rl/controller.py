@@ -3,18 +3,20 @@
 One iteration (synchronous, as in K2's colocated/disaggregated controller):
 
     sample prompts -> rollout K per prompt on the vLLM engines -> rewards with budget
-    penalties -> group baselines -> train on the data-parallel trainer ranks
-    -> publish weights into the engines in place (version + 1) -> metrics
+    penalties -> group baselines -> train on the sharded trainer ranks
+    -> checkpoint engine: weights into the engines in place (version + 1) -> metrics
 
 It moves token ids and numbers between processes, never weights.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from rewards import RewardScorer, get_reward
 from rl.bootstrap import ensure_default_policy
+from rl.checkpoint_engine import BucketPlan, WeightUpdate, plan_buckets
 from rl.config import ConfigError, RunConfig
 from rl.data import PromptSampler, load_eval_tasks
 from rl.evaluation import accuracy
@@ -32,6 +35,9 @@ from rl.metrics import MetricsLogger
 from rl.records import RewardResult, Task, Trajectory
 from rl.trainer import TrainerWorker
 from rollout.engine import EngineSpec, RolloutEngine, SamplingSpec
+
+
+log = logging.getLogger(__name__)
 
 
 class EngineStartError(RuntimeError):
@@ -83,13 +89,21 @@ def _error_summary(error: BaseException) -> str:
 
 
 class Cluster:
-    """The Ray actors of one run: rollout engines and trainer ranks."""
+    """The Ray actors of one run: rollout engines, trainer ranks, and the checkpoint engine between them.
+
+    The checkpoint is read from disk once, by the trainer (rank 0 reads it and the other ranks get
+    their shards from it); the engines start with dummy weights and receive version 0 from the
+    checkpoint engine before they generate anything.
+    """
 
     def __init__(self, config: RunConfig, model_path: str):
         self.config = config
         self.engines: list = []
         self.trainers: list = []
         self.weight_version = 0
+        self.engine_restarts = [0] * config.rollout.num_engines
+        self._update_ids = itertools.count(1)
+        self._plan: BucketPlan | None = None
         try:
             self._start(model_path)
         except BaseException:
@@ -98,84 +112,156 @@ class Cluster:
 
     def _start(self, model_path: str) -> None:
         config = self.config
-        # On GPU every actor takes one device (disaggregated mode); on CPU they share the cores.
+        world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
+        # On GPU every actor takes one device (disaggregated) or engines and trainer ranks share
+        # them (colocated); on CPU they share the cores.
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        per_actor_gpus = 1 if gpus else 0
-        needed = config.rollout.num_engines + config.trainer.data_parallel_size
+        colocated = config.rollout.placement == "colocated"
+        rollout_tp = config.rollout.tensor_parallel_size
+        if rollout_tp > 1 and not gpus:
+            raise ConfigError(f"rollout.tensor_parallel_size={rollout_tp} needs GPUs; the Ray cluster has none")
+        self._gpus_per_actor = (0.5 if colocated else 1) if gpus else 0
+        engine_gpus = config.rollout.num_engines * rollout_tp
+        needed = max(engine_gpus, world) if colocated else engine_gpus + world
         if gpus and gpus < needed:
             raise ConfigError(
-                f"rollout.num_engines + trainer.data_parallel_size = {needed} GPUs needed, the Ray cluster has {gpus}"
+                f"{needed} GPUs needed for rollout.num_engines={config.rollout.num_engines} x "
+                f"rollout.tensor_parallel_size={rollout_tp} and {world} trainer ranks "
+                f"(rollout.placement={config.rollout.placement}), the Ray cluster has {gpus}"
             )
-        spec = EngineSpec(
+        self._engine_spec = EngineSpec(
             model_path=model_path,
             dtype=config.model.dtype,
             max_model_len=config.rollout.max_model_len,
             kv_cache_gib=config.rollout.kv_cache_gib,
             seed=config.seed,
             enforce_eager=config.rollout.enforce_eager,
+            load_format="dummy",
+            sleep_between_rollouts=colocated and gpus > 0,
+            tensor_parallel_size=rollout_tp,
         )
-        # Actors ask for no CPU slots: engines and trainers take turns on the same cores.
-        engine_actor = ray.remote(num_cpus=0, num_gpus=per_actor_gpus)(RolloutEngine)
-        self.engines = [engine_actor.remote(spec) for _ in range(config.rollout.num_engines)]
+        self._engine_actor = ray.remote(num_cpus=0, num_gpus=self._gpus_per_actor * rollout_tp)(RolloutEngine)
+        self.engines = [self._engine_actor.remote(self._engine_spec) for _ in range(config.rollout.num_engines)]
         for index, engine in enumerate(self.engines):
-            try:
-                ray.get(engine.ready.remote(), timeout=config.rollout.engine_start_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise EngineStartError(
-                    f"rollout engine {index} did not start within rollout.engine_start_timeout_s="
-                    f"{config.rollout.engine_start_timeout_s:g}s"
-                ) from None
-            except ray.exceptions.RayError as error:
-                raise EngineStartError(f"rollout engine {index} failed to start: {_error_summary(error)}") from None
-        trainer_actor = ray.remote(num_cpus=0, num_gpus=per_actor_gpus)(TrainerWorker)
-        world, port = config.trainer.data_parallel_size, _free_port()
+            self._wait_ready(index, engine, "failed to start")
+        trainer_actor = ray.remote(num_cpus=0, num_gpus=self._gpus_per_actor)(TrainerWorker)
+        port = _free_port()
         self.trainers = [
             trainer_actor.remote(rank, world, port, model_path, config.model.dtype, config.trainer, config.seed)
             for rank in range(world)
         ]
         ray.get([trainer.__ray_ready__.remote() for trainer in self.trainers])
+        layout = ray.get(self.trainers[0].weight_layout.remote())
+        packed = ray.get(self.engines[0].packed_modules.remote())
+        self._plan = plan_buckets(
+            layout,
+            packed,
+            int(config.checkpoint.bucket_mb * 2**20),
+            num_readers=len(self.engines),
+            block_name=f"k2rl-ckpt-{uuid.uuid4().hex[:12]}",
+        )
+        ray.get(self.trainers[0].open_checkpoint_engine.remote(self._plan))
+        self._push_weights(0, tuple(range(len(self.engines))))
+
+    def _wait_ready(self, index: int, engine, failure: str) -> None:
+        timeout = self.config.rollout.engine_start_timeout_s
+        try:
+            ray.get(engine.ready.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise EngineStartError(
+                f"rollout engine {index} did not start within rollout.engine_start_timeout_s={timeout:g}s"
+            ) from None
+        except ray.exceptions.RayError as error:
+            raise EngineStartError(f"rollout engine {index} {failure}: {_error_summary(error)}") from None
+
+    def _push_weights(self, version: int, readers: tuple[int, ...]) -> None:
+        """One checkpoint-engine update: every trainer rank gathers, rank 0 writes, `readers` load."""
+        update = WeightUpdate(self._plan, next(self._update_ids), version, readers, self.config.checkpoint.timeout_s)
+        if self._engine_spec.sleep_between_rollouts:
+            ray.get([self.engines[index].wake_up.remote() for index in readers])
+        gathers = [trainer.broadcast_weights.remote(update) for trainer in self.trainers]
+        loads = [self.engines[index].receive_update.remote(update, index) for index in readers]
+        ray.get(gathers + loads)
 
     def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Trajectory]:
-        """Spread tasks over the engines in contiguous chunks; results come back in task order."""
+        """Spread tasks over the engines in contiguous chunks; results come back in task order.
+
+        A chunk whose engine died is generated again, once the engine is back, by that engine:
+        the other chunks are kept, so no task is lost or counted twice.
+        """
         count = len(self.engines)
         bounds = [len(tasks) * i // count for i in range(count + 1)]
-        futures = [
-            engine.generate.remote(tasks[lo:hi], sampling[lo:hi])
-            for engine, lo, hi in zip(self.engines, bounds, bounds[1:])
-            if hi > lo
-        ]
-        return [completion for chunk in ray.get(futures) for completion in chunk]
+        chunks = {index: (lo, hi) for index, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo}
+        results: dict[int, list[Trajectory]] = {}
+        while chunks:
+            pending = {
+                self.engines[index].generate.remote(tasks[lo:hi], sampling[lo:hi]): index
+                for index, (lo, hi) in chunks.items()
+            }
+            for future, index in pending.items():
+                try:
+                    results[index] = ray.get(future)
+                    del chunks[index]
+                except ray.exceptions.RayActorError as error:
+                    self._restart_engine(index, error)
+        if self._engine_spec.sleep_between_rollouts:
+            ray.get([engine.sleep.remote() for engine in self.engines])
+        return [completion for index in sorted(results) for completion in results[index]]
+
+    def _restart_engine(self, index: int, cause: BaseException) -> None:
+        """Replace a dead engine and bring it to the current weight version; the others keep theirs."""
+        self.engine_restarts[index] += 1
+        limit = self.config.rollout.max_engine_restarts
+        if self.engine_restarts[index] > limit:
+            raise EngineStartError(
+                f"rollout engine {index} died and rollout.max_engine_restarts={limit} restarts are used up: "
+                f"{_error_summary(cause)}"
+            )
+        log.warning("rollout engine %d died (%s); restarting it", index, _error_summary(cause))
+        ray.kill(self.engines[index])
+        self.engines[index] = self._engine_actor.remote(self._engine_spec)
+        self._wait_ready(index, self.engines[index], "died and could not be restarted")
+        self._push_weights(self.weight_version, (index,))
 
     def train(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
-        world = len(self.trainers)
-        shard = len(trajectories) // world
+        """Each data-parallel group gets its shard; the ranks of one tensor-parallel group share it."""
+        tp = self.config.trainer.tensor_parallel_size
+        dp = len(self.trainers) // tp
+        shard = len(trajectories) // dp
         results = ray.get(
             [
                 trainer.train.remote(
-                    trajectories[rank * shard : (rank + 1) * shard],
-                    advantages[rank * shard : (rank + 1) * shard],
+                    trajectories[(rank // tp) * shard : (rank // tp + 1) * shard],
+                    advantages[(rank // tp) * shard : (rank // tp + 1) * shard],
                     self.config.rollout.temperature,
                 )
                 for rank, trainer in enumerate(self.trainers)
             ]
         )
-        tokens = sum(r["response_tokens"] for r in results)
-        return {
-            "loss": sum(r["loss"] for r in results) / world,
+        leaders = results[::tp]  # one rank per data-parallel group
+        tokens = sum(r["response_tokens"] for r in leaders)
+        merged = {
+            "loss": sum(r["loss"] for r in leaders) / dp,
             "grad_norm": results[0]["grad_norm"],
-            "log_ratio_abs_mean": sum(r["log_ratio_abs_mean"] for r in results) / world,
-            "logprob_diff_mean": sum(r["logprob_diff_sum"] for r in results) / max(tokens, 1),
+            "log_ratio_abs_mean": sum(r["log_ratio_abs_mean"] for r in leaders) / dp,
+            "logprob_diff_mean": sum(r["logprob_diff_sum"] for r in leaders) / max(tokens, 1),
         }
+        if "max_attention_logit" in results[0]:
+            merged["max_attention_logit"] = results[0]["max_attention_logit"]
+        return merged
 
     def sync_weights(self) -> int:
-        """Trainer rank 0 publishes version + 1; every engine loads it in place."""
-        manifest = ray.get(self.trainers[0].publish_weights.remote(self.weight_version + 1))
-        versions = ray.get([engine.load_weights.remote(manifest) for engine in self.engines])
-        self.weight_version = versions[0]
+        """Version + 1 from the trainer into every engine, in place."""
+        self._push_weights(self.weight_version + 1, tuple(range(len(self.engines))))
+        self.weight_version += 1
         return self.weight_version
 
+    def trainer_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The trainer's logprobs of a fixed sequence (a collective: every rank takes part)."""
+        return ray.get([trainer.sequence_logprobs.remote(token_ids) for trainer in self.trainers])[0]
+
     def save(self, out_dir: Path) -> None:
-        ray.get(self.trainers[0].save.remote(str(out_dir)))
+        ray.get([trainer.save.remote(str(out_dir)) for trainer in self.trainers])
 
     def shutdown(self) -> None:
         """Release the trainers' shared memory and process group, then stop every actor.

@@ -1,34 +1,39 @@
 """Trainer workers: Ray actors that form one torch.distributed group and update the policy.
 
-Each rank holds a full replica wrapped in DistributedDataParallel (gloo on CPU,
-NCCL on GPU) and trains on its shard of the batch:
+The ranks (gloo on CPU, NCCL on GPU) form a data_parallel_size x tensor_parallel_size
+mesh (rl/parallel.py): each data-parallel group of tp ranks holds one tensor-parallel
+copy of the policy, sharded by FSDP2 over the data-parallel ranks, and trains on its
+shard of the batch (the tp ranks of a group on the same shard):
 
     recompute pi_old logprobs  ->  for each mini-batch: micro-batches with gradient
-    accumulation  ->  all-reduce  ->  clip  ->  Muon/AdamW step
+    accumulation  ->  reduce-scatter  ->  clip  ->  Muon/AdamW step  ->  QK-Clip
 
-Rank 0 then publishes the new weights into shared memory for the rollout engines.
+Every method but `shutdown` is a collective: all ranks must call it, with the same
+arguments except for the data shard given to `train`.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from rl.checkpoint_engine import BucketPlan, CheckpointWriter, WeightUpdate
 from rl.config import TrainerConfig
 from rl.loss import k2_policy_loss, token_logprobs
 from rl.optim import MuonWithAdamW
+from rl.parallel import build_mesh, check_layout, shard_model
+from rl.qk_clip import QKClip
 from rl.records import Trajectory
-from rl.weight_sync import SharedWeightBlock
 
 
 class TrainerWorker:
-    """Run as a Ray actor; `rank` 0 also owns the shared-memory weight block."""
+    """Run as a Ray actor. Rank 0 reads the checkpoint and is the node's checkpoint-engine worker."""
 
     def __init__(
         self,
@@ -41,6 +46,11 @@ class TrainerWorker:
         seed: int,
     ):
         self.rank, self.world_size, self.config = rank, world_size, config
+        self.model_path = model_path
+        model = _load_or_skeleton(model_path, dtype, read_weights=rank == 0)
+        model.config.use_cache = False
+        # Before any process group exists, so that a bad layout leaves nothing to clean up.
+        check_layout(config, world_size, model.config)
         use_cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         if not use_cuda:
@@ -53,17 +63,54 @@ class TrainerWorker:
             "nccl" if use_cuda else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=10)
         )
         torch.manual_seed(seed)
-        self.model_path = model_path
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
-        model.config.use_cache = False
+        mesh = build_mesh(config, self.device.type)
+        if rank == 0:
+            model.to(self.device)
+        else:
+            model.to_empty(device=self.device)
+        with torch.no_grad():
+            # The checkpoint is read from disk once: the other ranks get it from rank 0.
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        self.qk_clip = QKClip(model, config.qk_clip_threshold, mesh) if config.qk_clip_threshold > 0 else None
+        shard_model(model, mesh)
         self.model = model
-        # The only buffers (rotary tables) are identical on every rank: no need to broadcast them.
-        self.ddp = DistributedDataParallel(model, forward_sync_buffers=False)
         self.optimizer = MuonWithAdamW(model, config)
-        self.weight_block = SharedWeightBlock(self._full_state()) if rank == 0 else None
+        self.checkpoint_writer: CheckpointWriter | None = None
 
-    def _full_state(self) -> list[tuple[str, torch.Tensor]]:
-        return list(self.model.state_dict().items())
+    def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, full shape) of every state-dict entry, for planning the checkpoint engine's buckets."""
+        return [
+            (name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+            for name, tensor in self.model.state_dict().items()
+        ]
+
+    def open_checkpoint_engine(self, plan: BucketPlan) -> None:
+        """Rank 0: create the shared-memory block the engines of this node load from."""
+        if self.rank == 0:
+            self.checkpoint_writer = CheckpointWriter(plan)
+
+    def broadcast_weights(self, update: WeightUpdate) -> None:
+        """A collective: every rank gathers each bucket, rank 0 writes it for the engines."""
+        tensors = self.iter_full_tensors(update.plan.names)
+        try:
+            if self.checkpoint_writer is not None:
+                self.checkpoint_writer.write(update, tensors)
+        finally:
+            for _ in tensors:  # every rank takes part in every gather, also after a failure here
+                pass
+
+    def iter_full_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Entries of the Hugging Face state dict (all, or `names` in that order), whole, one at a time.
+
+        A collective: every rank must iterate to the end, and every rank receives each full
+        tensor. A tensor may share storage with the parameters: copy it to keep it past
+        the next update.
+        """
+        state = self.model.state_dict()
+        for name in names if names is not None else list(state):
+            tensor = state[name]
+            yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
     def _batch_tensors(self, trajectories: list[Trajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ids, attention mask, and a mask over the logprob positions of response tokens."""
@@ -79,13 +126,17 @@ class TrainerWorker:
             response_mask[i, start : start + len(t.response_ids)] = torch.tensor(t.loss_mask, dtype=torch.float)
         return input_ids.to(self.device), attention.to(self.device), response_mask.to(self.device)
 
-    def _token_logprobs(self, module, trajectories: list[Trajectory], temperature: float):
+    def _token_logprobs(self, trajectories: list[Trajectory], temperature: float):
         input_ids, attention, response_mask = self._batch_tensors(trajectories)
-        logits = module(input_ids=input_ids, attention_mask=attention).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         return token_logprobs(logits, input_ids, temperature), response_mask
 
     def train(self, trajectories: list[Trajectory], advantages: list[float], temperature: float) -> dict[str, float]:
-        """One batch (this rank's shard): pi_old recompute, then `optimizer_steps_per_batch` updates."""
+        """One batch (this data-parallel group's shard): pi_old recompute, then `optimizer_steps_per_batch` updates.
+
+        With QK-Clip on, the metrics include `max_attention_logit`: the largest logit of any
+        head before its clip, over all ranks and optimizer steps of the batch.
+        """
         config = self.config
         if config.reset_optimizer_each_step:
             self.optimizer = MuonWithAdamW(self.model, config)
@@ -95,7 +146,7 @@ class TrainerWorker:
         with torch.no_grad():
             for start in range(0, len(trajectories), micro):
                 chunk = trajectories[start : start + micro]
-                logprobs, mask = self._token_logprobs(self.model, chunk, temperature)
+                logprobs, mask = self._token_logprobs(chunk, temperature)
                 old_sums.append((logprobs * mask).sum(-1))
                 rollout = torch.zeros_like(logprobs)
                 for i, t in enumerate(chunk):
@@ -108,57 +159,77 @@ class TrainerWorker:
 
         steps = config.optimizer_steps_per_batch
         per_step = len(trajectories) // steps
-        losses, grad_norms, log_ratios = [], [], []
+        losses, grad_norms, log_ratios, max_logits = [], [], [], []
         for step in range(steps):
             lo, hi = step * per_step, (step + 1) * per_step
             self.optimizer.zero_grad()
+            if self.qk_clip is not None:
+                self.qk_clip.reset()
             micro_starts = list(range(lo, hi, micro))
             step_loss = 0.0
             for index, start in enumerate(micro_starts):
                 end = min(start + micro, hi)
-                sync = index == len(micro_starts) - 1
-                with nullcontext() if sync else self.ddp.no_sync():
-                    logprobs, mask = self._token_logprobs(self.ddp, trajectories[start:end], temperature)
-                    sums = (logprobs * mask).sum(-1)
-                    per_sample = k2_policy_loss(sums, old_logprob_sums[start:end], advantage[start:end], config.tau)
-                    # Sum over micro-batches / samples in the mini-batch = the mini-batch mean;
-                    # DDP then averages over ranks, giving the global mean.
-                    loss = per_sample.sum() / per_step
-                    loss.backward()
+                # Gradients stay unreduced, and accumulate, until the last micro-batch.
+                self.model.set_requires_gradient_sync(index == len(micro_starts) - 1)
+                logprobs, mask = self._token_logprobs(trajectories[start:end], temperature)
+                sums = (logprobs * mask).sum(-1)
+                per_sample = k2_policy_loss(sums, old_logprob_sums[start:end], advantage[start:end], config.tau)
+                # Sum over micro-batches / samples in the mini-batch = the mini-batch mean;
+                # FSDP2 then averages over the data-parallel ranks, giving the global mean.
+                loss = per_sample.sum() / per_step
+                loss.backward()
                 step_loss += loss.item()
                 log_ratios.append((sums - old_logprob_sums[start:end]).detach())
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm).item())
+            # The parameters are DTensors, so is the norm: gathering it gives every rank the global value.
+            total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            grad_norms.append(total_norm.full_tensor().item())
             self.optimizer.step()
+            if self.qk_clip is not None:
+                max_logits.append(self.qk_clip.clip().max().item())
             losses.append(step_loss)
-        return {
+        metrics = {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "logprob_diff_sum": logprob_diff_sum,
             "response_tokens": response_tokens,
             "log_ratio_abs_mean": torch.cat(log_ratios).abs().mean().item(),
         }
-
-    def publish_weights(self, version: int) -> dict:
-        """Rank 0: write the current weights into shared memory; returns the manifest for the engines."""
-        assert self.weight_block is not None, "only rank 0 publishes weights"
-        return self.weight_block.write(self._full_state(), version).to_dict()
+        if max_logits:
+            metrics["max_attention_logit"] = max(max_logits)
+        return metrics
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Per-token logprobs of one sequence; a collective: every rank must call it with the same ids."""
         input_ids = torch.tensor([token_ids], device=self.device)
         logits = self.model(input_ids=input_ids).logits
         return token_logprobs(logits, input_ids, temperature=1.0)[0].tolist()
 
     def save(self, out_dir: str) -> None:
-        """Rank 0: a Hugging Face model directory (weights, config, tokenizer) that vLLM and transformers load."""
-        if self.rank != 0:
-            return
-        self.model.save_pretrained(out_dir)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
+        """A Hugging Face model directory (weights, config, tokenizer) that vLLM and transformers load.
+
+        A collective: every rank gathers the full tensors, rank 0 writes them.
+        """
+        state = {}
+        for name, tensor in self.iter_full_tensors():
+            if self.rank == 0:
+                state[name] = tensor
+        if self.rank == 0:
+            self.model.save_pretrained(out_dir, state_dict=state)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
 
     def shutdown(self) -> None:
-        if self.weight_block is not None:
-            self.weight_block.close()
-            self.weight_block = None
+        if self.checkpoint_writer is not None:
+            self.checkpoint_writer.close()
+            self.checkpoint_writer = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _load_or_skeleton(model_path: str, dtype: str, read_weights: bool):
+    """The model with its weights read from disk, or (`read_weights` False) an uninitialised
+    skeleton of the same architecture whose storage is allocated later, to receive them."""
+    if read_weights:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=getattr(torch, dtype))

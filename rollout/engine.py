@@ -2,8 +2,9 @@
 
 It renders tasks with the tokenizer's chat template, samples K responses per task
 within the task type's token budget, and returns token ids, per-token logprobs and
-finish reasons. Weights are replaced in place by `load_weights`; every output
-records the weight version that produced it.
+finish reasons. Weights arrive in place from the checkpoint engine (`receive_update`),
+also at start: an engine started with `load_format="dummy"` reads no checkpoint from
+disk. Every output records the weight version that produced it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from rl.checkpoint_engine import CheckpointReader, WeightSyncError, WeightUpdate
 from rl.records import Task, Trajectory
 
-WORKER_EXTENSION = "rollout.weight_loader.SharedMemoryWeightLoader"
+WORKER_EXTENSION = "rollout.weight_loader.CheckpointEngineLoader"
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class EngineSpec:
     kv_cache_gib: int
     seed: int
     enforce_eager: bool
+    # "dummy": random weights, no disk read; the checkpoint engine sends version 0 before any use.
+    load_format: str = "auto"
+    tensor_parallel_size: int = 1
+    # Colocated on GPU: free the device (vLLM sleep mode) while the trainer works.
+    sleep_between_rollouts: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,14 @@ class RolloutEngine:
             # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would
             # reserve most of the machine and a GPU engine most of the device.
             kv_cache_memory_bytes=spec.kv_cache_gib * 1024**3,
+            load_format=spec.load_format,
+            enable_sleep_mode=spec.sleep_between_rollouts,
+            tensor_parallel_size=spec.tensor_parallel_size,
         )
         self._tokenizer = self._llm.get_tokenizer()
-        self.weight_version = 0
+        # None until weights from the checkpoint engine have fully arrived (also after a failed update).
+        self.weight_version: int | None = 0 if spec.load_format != "dummy" else None
+        self._reader: CheckpointReader | None = None
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -82,6 +94,7 @@ class RolloutEngine:
         """K responses per task (`sampling[i].n`), each within its own token budget."""
         from vllm import SamplingParams, TokensPrompt
 
+        self._require_weights()
         prompt_ids = [self.render(task) for task in tasks]
         params = [
             SamplingParams(
@@ -130,8 +143,29 @@ class RolloutEngine:
         output = self._llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
         return [step[token].logprob for step, token in zip(output.prompt_logprobs[1:], token_ids[1:])]
 
-    def load_weights(self, manifest: dict) -> int:
-        """Replace every weight in place with the version described by `manifest`."""
-        versions = self._llm.collective_rpc("k2rl_load_shared_weights", args=(manifest,))
-        self.weight_version = versions[0]
-        return self.weight_version
+    def sleep(self) -> None:
+        """Give the device to the trainer: weights to host memory, KV cache dropped."""
+        self._llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self._llm.wake_up()
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        return self._llm.collective_rpc("k2rl_packed_modules")[0]
+
+    def receive_update(self, update: WeightUpdate, reader: int) -> int:
+        """Load every bucket of `update` in place as the checkpoint engine writes it (one actor call,
+        so no generation runs between two buckets); returns the new version."""
+        if self._reader is None or self._reader.plan != update.plan:
+            if self._reader is not None:
+                self._reader.close()
+            self._reader = CheckpointReader(update.plan, reader)
+            self._llm.collective_rpc("k2rl_attach_plan", args=(update.plan.to_dict(),))
+        self.weight_version = None
+        self._reader.read(update, lambda index: self._llm.collective_rpc("k2rl_load_bucket", args=(index,)))
+        self.weight_version = update.version
+        return update.version
+
+    def _require_weights(self) -> None:
+        if self.weight_version is None:
+            raise WeightSyncError("this engine holds no complete weight version (an update did not finish)")

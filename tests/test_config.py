@@ -36,6 +36,13 @@ def test_overrides_are_typed():
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
         (["rollout.top_p=0.9"], "rollout.top_p must be 1.0"),
         (["rollout.max_model_len=64"], "rollout.max_model_len=64 leaves no room"),
+        (["trainer.tensor_parallel_size=0"], "trainer.tensor_parallel_size must be > 0"),
+        (["trainer.qk_clip_threshold=-1"], "trainer.qk_clip_threshold must be >= 0"),
+        (["checkpoint.bucket_mb=0"], "checkpoint.bucket_mb must be > 0, got 0"),
+        (["checkpoint.timeout_s=-1"], "checkpoint.timeout_s must be > 0"),
+        (["rollout.max_engine_restarts=-1"], "rollout.max_engine_restarts must be >= 0"),
+        (["rollout.placement=shared"], "rollout.placement must be disaggregated or colocated"),
+        (["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size must be > 0"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -33,7 +33,7 @@ def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster,
     def compare_logprobs(step, cluster):
         sequence = ray_cluster.get(cluster.engines[0].render.remote(probe)) + [20, 21, 22, 23]
         engine = torch.tensor(ray_cluster.get(cluster.engines[0].sequence_logprobs.remote(sequence)))
-        trainer = torch.tensor(ray_cluster.get(cluster.trainers[1].sequence_logprobs.remote(sequence)))
+        trainer = torch.tensor(cluster.trainer_logprobs(sequence))
         checks.append((step, cluster.weight_version, (engine - trainer).abs().max().item()))
 
     summary = controller.run(str(tiny_policy), on_step=compare_logprobs)

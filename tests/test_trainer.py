@@ -1,45 +1,21 @@
 """The trainer in-process, as a one-rank gloo group: gradient accumulation and the update itself."""
 
-import dataclasses
-import random
-import socket
-
 import torch
+from trainer_helpers import ADVANTAGES, free_port, full_parameters_and_grads, trajectories
 
 from rl.config import TrainerConfig
-from rl.records import Task, Trajectory
 from rl.trainer import TrainerWorker
-
-TASK = Task("t", ({"role": "user", "content": "x"},), "arithmetic", "math", {"answer": "1"})
-
-
-def _trajectories(count: int, vocab: int) -> list[Trajectory]:
-    rng = random.Random(0)
-    out = []
-    for _ in range(count):
-        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))]
-        response = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 7))]
-        out.append(
-            Trajectory(TASK, prompt, response, [-1.0] * len(response), [1] * len(response), 0, "stop", "")
-        )
-    return out
 
 
 def _train_once(policy, micro_batch_size: int, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    config = dataclasses.replace(TrainerConfig(), micro_batch_size=micro_batch_size, optimizer_steps_per_batch=steps)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    worker = TrainerWorker(0, 1, port, str(policy), "float32", config, seed=0)
+    config = TrainerConfig(data_parallel_size=1, micro_batch_size=micro_batch_size, optimizer_steps_per_batch=steps)
+    worker = TrainerWorker(0, 1, free_port(), str(policy), "float32", config, seed=0)
     try:
-        trajectories = _trajectories(8, worker.model.config.vocab_size)
-        advantages = [0.5, -0.5, 1.0, -1.0, 0.25, -0.25, 0.0, 0.0]
-        metrics = worker.train(trajectories, advantages, temperature=1.0)
-        assert metrics["loss"] > 0 and metrics["response_tokens"] == sum(len(t.response_ids) for t in trajectories)
+        batch = trajectories(8, worker.model.config.vocab_size)
+        metrics = worker.train(batch, ADVANTAGES, temperature=1.0)
+        assert metrics["loss"] > 0 and metrics["response_tokens"] == sum(len(t.response_ids) for t in batch)
         # After the step, .grad still holds the step's (clipped) accumulated gradient.
-        state = {name: p.detach().clone() for name, p in worker.model.named_parameters()}
-        state |= {f"{name}.grad": p.grad.clone() for name, p in worker.model.named_parameters() if p.grad is not None}
-        return state, metrics
+        return full_parameters_and_grads(worker.model), metrics
     finally:
         worker.shutdown()
 

@@ -1,0 +1,94 @@
+"""Sharding the policy over the trainer ranks: Megatron tensor parallelism inside FSDP2.
+
+The ranks form a 2-D device mesh ("dp", "tp"); rank r sits at (r // tp, r % tp), so
+the tp ranks of one data-parallel replica are consecutive and must all train on the
+same data shard. Tensor parallelism splits every attention and MLP block over "tp"
+(column-parallel in, row-parallel out: one activation all-reduce per block forward and
+one backward) and the vocabulary of the embedding and the output head. FSDP2 then
+shards every parameter over "dp". With tp == 1 the tensor-parallel plan is skipped:
+the same mesh, FSDP2 alone.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from transformers import PretrainedConfig
+
+from rl.config import TrainerConfig
+
+# Qwen2 attention reshapes its projections with -1 heads, so each rank simply runs its
+# local heads; the output head gathers the full logits for the loss.
+_MEGATRON_PLAN = {
+    "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+    "model.layers.*.self_attn.q_proj": ColwiseParallel(),
+    "model.layers.*.self_attn.k_proj": ColwiseParallel(),
+    "model.layers.*.self_attn.v_proj": ColwiseParallel(),
+    "model.layers.*.self_attn.o_proj": RowwiseParallel(),
+    "model.layers.*.mlp.gate_proj": ColwiseParallel(),
+    "model.layers.*.mlp.up_proj": ColwiseParallel(),
+    "model.layers.*.mlp.down_proj": RowwiseParallel(),
+    "lm_head": ColwiseParallel(output_layouts=Replicate()),
+}
+
+# Each of these is split into tensor_parallel_size equal parts. The vocabulary need not divide:
+# the embedding and the head take uneven shards (DTensor gives the last ranks one row fewer).
+_SPLIT_DIMENSIONS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def check_layout(config: TrainerConfig, world_size: int, model_config: PretrainedConfig) -> None:
+    """Raise a ValueError naming the key when the mesh cannot be built or cannot split the model."""
+    dp, tp = config.data_parallel_size, config.tensor_parallel_size
+    if dp * tp != world_size:
+        raise ValueError(
+            f"trainer.data_parallel_size x trainer.tensor_parallel_size = {dp} x {tp} = {dp * tp} "
+            f"does not match the {world_size} trainer ranks"
+        )
+    for name in _SPLIT_DIMENSIONS:
+        value = getattr(model_config, name)
+        if value % tp:
+            raise ValueError(f"trainer.tensor_parallel_size={tp} does not divide the model's {name}={value}")
+
+
+def build_mesh(config: TrainerConfig, device_type: str) -> DeviceMesh:
+    """The ("dp", "tp") mesh over the default process group, which must already exist."""
+    shape = (config.data_parallel_size, config.tensor_parallel_size)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("dp", "tp"))
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh) -> None:
+    """In place: tensor-parallel over mesh["tp"] (when > 1), then FSDP2 over mesh["dp"]."""
+    tp_mesh = mesh["tp"]
+    if tp_mesh.size() > 1:
+        # Every rank loaded the same weights, so each takes its own shard without communication.
+        parallelize_module(model, tp_mesh, _MEGATRON_PLAN, src_data_rank=None)
+        _replicate_remaining_parameters(model, tp_mesh)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    # By default the root module keeps its parameters gathered after a forward until the
+    # backward; after a no-grad forward (pi_old, sequence_logprobs) the optimizer, QK-Clip
+    # and the state dict would then not see the sharded parameters.
+    fully_shard(model, mesh=mesh["dp"], reshard_after_forward=True)
+
+
+def _replicate_remaining_parameters(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Make the parameters outside the plan (the RMSNorm weights) replicated DTensors on the tp mesh.
+
+    FSDP2 would otherwise put them on the 1-D dp mesh next to 2-D (dp, tp) tensor-parallel
+    ones, and gradient clipping and the optimizers cannot combine DTensors of two meshes.
+    The module still sees and returns plain activations.
+    """
+    for module in model.modules():
+        if any(not isinstance(param, DTensor) for param in module.parameters(recurse=False)):
+            distribute_module(module, tp_mesh, input_fn=_replicated_inputs, output_fn=_local_output)
+
+
+def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
+
+
+def _local_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> Tensor:
+    return output.to_local()

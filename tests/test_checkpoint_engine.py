@@ -1,0 +1,156 @@
+"""The checkpoint engine's planning and hand-over, with the writer and readers in threads."""
+
+import threading
+import uuid
+
+import pytest
+import torch
+
+from rl.checkpoint_engine import CheckpointReader, CheckpointWriter, MappedPlan, WeightSyncError, WeightUpdate, plan_buckets
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def _state() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (64, 16)}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}"
+        shapes |= {
+            f"{prefix}.self_attn.q_proj.weight": (16, 16),
+            f"{prefix}.self_attn.q_proj.bias": (16,),
+            f"{prefix}.self_attn.k_proj.weight": (16, 16),
+            f"{prefix}.self_attn.k_proj.bias": (16,),
+            f"{prefix}.self_attn.v_proj.weight": (16, 16),
+            f"{prefix}.self_attn.v_proj.bias": (16,),
+            f"{prefix}.self_attn.o_proj.weight": (16, 16),
+            f"{prefix}.mlp.gate_proj.weight": (32, 16),
+            f"{prefix}.mlp.up_proj.weight": (32, 16),
+            f"{prefix}.mlp.down_proj.weight": (16, 32),
+            f"{prefix}.input_layernorm.weight": (16,),
+        }
+    shapes["lm_head.weight"] = (64, 16)
+    state = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    state["model.norm.weight"] = torch.ones(16, dtype=torch.bfloat16)
+    return state
+
+
+def _plan(state, bucket_bytes: int, readers: int = 2):
+    layout = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in state.items()]
+    return plan_buckets(layout, PACKED, bucket_bytes, readers, f"k2rl-test-{uuid.uuid4().hex[:8]}")
+
+
+def test_buckets_keep_vllm_load_groups_whole_and_fit_the_size():
+    state = _state()
+    plan = _plan(state, bucket_bytes=3000)
+    assert sorted(plan.names) == sorted(state)
+    group_of = {}
+    for bucket in plan.buckets:
+        for tensor in bucket.tensors:
+            module = tensor.name.rsplit(".", 1)[0]
+            key = module.replace("q_proj", "qkv").replace("k_proj", "qkv").replace("v_proj", "qkv")
+            key = key.replace("gate_proj", "gate_up").replace("up_proj", "gate_up")
+            group_of.setdefault(key, set()).add(bucket.index)
+    assert all(len(buckets) == 1 for buckets in group_of.values()), group_of
+    # The embedding (4096 bytes) and q, k, v with biases (3 x 1088 bytes) are larger than a bucket:
+    # each group gets a bucket of its own.
+    oversized = [[t.name.rsplit(".", 2)[1] for t in b.tensors] for b in plan.buckets if b.nbytes > 3000]
+    assert oversized[:2] == [["embed_tokens"], ["q_proj", "q_proj", "k_proj", "k_proj", "v_proj", "v_proj"]]
+    assert plan.slot_bytes == max(b.nbytes for b in plan.buckets)
+
+
+def test_bucket_size_must_be_positive():
+    with pytest.raises(ValueError, match="bucket size must be > 0"):
+        _plan(_state(), bucket_bytes=0)
+
+
+def _transfer(plan, state, update, readers, seen):
+    """Run the writer and one reader thread per engine; each reader copies what it loads."""
+    errors = []
+
+    def reader_thread(index):
+        mapped, reader = MappedPlan(plan), CheckpointReader(plan, index)
+        try:
+            reader.read(update, lambda b: seen[index].update({n: t.clone() for n, t in mapped.bucket(b)}))
+        except Exception as error:  # noqa: BLE001 - reported to the test below
+            errors.append(error)
+        finally:
+            mapped.close()
+            reader.close()
+
+    threads = [threading.Thread(target=reader_thread, args=(index,)) for index in readers]
+    for thread in threads:
+        thread.start()
+    return threads, errors
+
+
+def test_every_reader_receives_every_version_through_two_slots():
+    state = _state()
+    plan = _plan(state, bucket_bytes=1024)  # smaller than the largest tensor
+    assert len(plan.buckets) > 4
+    writer = CheckpointWriter(plan)
+    try:
+        for version in (1, 2):
+            new = {name: t * version for name, t in state.items()}
+            update = WeightUpdate(plan, version, version, (0, 1), timeout_s=30)
+            seen = {0: {}, 1: {}}
+            threads, errors = _transfer(plan, new, update, (0, 1), seen)
+            writer.write(update, ((name, new[name]) for name in plan.names))
+            for thread in threads:
+                thread.join()
+            assert not errors, errors
+            for reader in (0, 1):
+                assert seen[reader].keys() == new.keys()
+                assert all(torch.equal(seen[reader][n], new[n]) for n in new)
+    finally:
+        writer.close()
+
+
+def test_a_replacement_reader_does_not_inherit_its_predecessors_progress():
+    state = _state()
+    plan = _plan(state, bucket_bytes=1024)
+    writer = CheckpointWriter(plan)
+    try:
+        first = WeightUpdate(plan, 1, 1, (0,), timeout_s=30)
+        threads, errors = _transfer(plan, state, first, (0,), {0: {}})
+        writer.write(first, ((name, state[name]) for name in plan.names))
+        threads[0].join()
+        # The same version again for a restarted engine 0: a new update id, so the writer waits for
+        # the new reader's own progress; a writer that trusted the old marks would fail this.
+        again = WeightUpdate(plan, 2, 1, (0,), timeout_s=30)
+        seen = {0: {}}
+        threads, errors = _transfer(plan, state, again, (0,), seen)
+        writer.write(again, ((name, state[name]) for name in plan.names))
+        threads[0].join()
+        assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
+    finally:
+        writer.close()
+
+
+def test_a_reader_that_stops_loading_is_named_in_the_writers_error():
+    state = _state()
+    plan = _plan(state, bucket_bytes=1024)
+    writer = CheckpointWriter(plan)
+    try:
+        update = WeightUpdate(plan, 1, 7, (0, 1), timeout_s=0.5)
+        threads, errors = _transfer(plan, state, update, (0,), {0: {}})  # engine 1 never reads
+        with pytest.raises(WeightSyncError, match="version 7: rollout engine 1 did not load bucket 0 within checkpoint.timeout_s"):
+            writer.write(update, ((name, state[name]) for name in plan.names))
+        threads[0].join()
+        # The writer's failure aborts the update for the readers that were waiting: no hang.
+        assert errors and "aborted" in str(errors[0])
+    finally:
+        writer.close()
+
+
+def test_a_reader_without_a_writer_times_out_naming_the_bucket():
+    state = _state()
+    plan = _plan(state, bucket_bytes=1024)
+    writer = CheckpointWriter(plan)
+    try:
+        update = WeightUpdate(plan, 1, 3, (0,), timeout_s=0.3)
+        threads, errors = _transfer(plan, state, update, (0,), {0: {}})
+        threads[0].join()
+        assert "version 3: bucket 0 was not written within checkpoint.timeout_s=0.3s" in str(errors[0])
+    finally:
+        writer.close()

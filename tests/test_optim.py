@@ -1,0 +1,23 @@
+"""Our Muon, on plain tensors, is torch.optim.Muon with the AdamW-matched step size."""
+
+import pytest
+import torch
+
+from rl.optim import Muon
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 80)], ids=["tall", "wide"])
+def test_muon_matches_torch_muon(shape):
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(shape))
+    reference = torch.nn.Parameter(ours.detach().clone())
+    optimizers = [
+        Muon([ours], lr=0.02, weight_decay=0.1),
+        torch.optim.Muon([reference], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+    ]
+    for _ in range(3):
+        grad = torch.randn(shape)
+        ours.grad, reference.grad = grad.clone(), grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+        assert torch.equal(ours, reference)

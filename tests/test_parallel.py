@@ -1,0 +1,112 @@
+"""The sharded trainer on two gloo ranks takes the same step as one unsharded rank, and bad layouts fail clearly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from trainer_helpers import ADVANTAGES, free_port, full_parameters_and_grads, run_two_ranks, trajectories
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rl.config import TrainerConfig
+from rl.optim import MuonWithAdamW
+from rl.parallel import check_layout
+from rl.trainer import TrainerWorker
+
+# Below most heads' largest logit in the tiny policy: the step also exercises QK-Clip
+# on heads that are split over the tensor-parallel ranks.
+QK_CLIP_THRESHOLD = 0.2
+
+
+def _config(data_parallel_size: int, tensor_parallel_size: int) -> TrainerConfig:
+    return TrainerConfig(
+        data_parallel_size=data_parallel_size,
+        tensor_parallel_size=tensor_parallel_size,
+        micro_batch_size=2,
+        qk_clip_threshold=QK_CLIP_THRESHOLD,
+    )
+
+
+def _train_one_step(rank: int, world_size: int, port: int, policy: Path, data_parallel_size: int, out: Path) -> None:
+    """One optimizer step on this rank's data-parallel shard of the batch; saves full weights, gradients, metrics."""
+    tensor_parallel_size = world_size // data_parallel_size
+    config = _config(data_parallel_size, tensor_parallel_size)
+    worker = TrainerWorker(rank, world_size, port, str(policy), "float32", config, seed=0)
+    try:
+        batch = trajectories(8, worker.model.config.vocab_size)
+        shard = len(batch) // data_parallel_size
+        lo = rank // tensor_parallel_size * shard
+        metrics = worker.train(batch[lo : lo + shard], ADVANTAGES[lo : lo + shard], temperature=1.0)
+        logprobs = worker.sequence_logprobs(batch[0].prompt_ids + batch[0].response_ids)
+        worker.save(str(out / "saved"))
+        result = {"state": full_parameters_and_grads(worker.model), "metrics": metrics, "logprobs": logprobs}
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        worker.shutdown()
+
+
+def _unsharded_update(policy: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights a plain, unsharded MuonWithAdamW step makes from the (clipped) gradients in `state`."""
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    for name, param in model.named_parameters():
+        param.grad = state[f"{name}.grad"]
+    MuonWithAdamW(model, _config(1, 1)).step()
+    return {name: param.detach() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("data_parallel_size", [1, 2], ids=["tp2", "dp2"])
+def test_sharded_step_equals_the_unsharded_step(tiny_policy, tmp_path, data_parallel_size):
+    (tmp_path / "sharded").mkdir()
+    (tmp_path / "whole").mkdir()
+    run_two_ranks(_train_one_step, tiny_policy, data_parallel_size, tmp_path / "sharded")
+    _train_one_step(0, 1, free_port(), tiny_policy, 1, tmp_path / "whole")
+    ranks = [torch.load(tmp_path / "sharded" / f"rank{rank}.pt") for rank in range(2)]
+    whole = torch.load(tmp_path / "whole" / "rank0.pt")
+
+    # Each data-parallel rank reports the mean loss of its shard; tensor-parallel ranks the same.
+    sharded_loss = sum(r["metrics"]["loss"] for r in ranks) / 2
+    assert sharded_loss == pytest.approx(whole["metrics"]["loss"], rel=1e-5)
+    for key in ("grad_norm", "max_attention_logit"):
+        assert ranks[0]["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5), key
+    assert whole["metrics"]["max_attention_logit"] > QK_CLIP_THRESHOLD
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "saved").state_dict()
+    for name, value in saved.items():
+        assert torch.equal(value, ranks[0]["state"][name]), name
+    for rank in ranks:
+        state = rank["state"]
+        assert state.keys() == whole["state"].keys()
+        torch.testing.assert_close(rank["logprobs"], whole["logprobs"], rtol=0, atol=1e-4)
+        # Sharding changes the float32 summation order of the gradients, nothing more.
+        for name in state:
+            if name.endswith(".grad"):
+                torch.testing.assert_close(state[name], whole["state"][name], rtol=0, atol=1e-6, msg=name)
+        # The sharded optimizers take exactly the unsharded step on the same whole gradients
+        # (q_proj and k_proj are then also rescaled by QK-Clip).
+        for name, expected in _unsharded_update(tiny_policy, state).items():
+            if "q_proj" not in name and "k_proj" not in name:
+                assert torch.equal(state[name], expected), name
+        # Across the two runs the weights agree less closely than the gradients: Newton-Schulz in
+        # bfloat16 has an error of about 0.05 per entry of its output, and an input one float32
+        # ulp away can round to a neighbouring bfloat16 and land elsewhere within that error.
+        # The step scales it by lr * 0.2 * sqrt(512) for the largest matrices.
+        atol = 0.1 * _config(1, 1).lr * 0.2 * 512**0.5
+        for name in state:
+            if not name.endswith(".grad"):
+                torch.testing.assert_close(state[name], whole["state"][name], rtol=0, atol=atol, msg=name)
+
+
+def test_layout_must_match_the_ranks(tiny_policy):
+    config = TrainerConfig(data_parallel_size=1, tensor_parallel_size=2)
+    message = r"data_parallel_size x trainer\.tensor_parallel_size = 1 x 2 = 2 does not match the 1 trainer ranks"
+    with pytest.raises(ValueError, match=message):
+        TrainerWorker(0, 1, free_port(), str(tiny_policy), "float32", config, seed=0)
+    assert not dist.is_initialized()
+
+
+def test_tensor_parallel_size_must_divide_the_model(tiny_policy):
+    model_config = AutoConfig.from_pretrained(tiny_policy)
+    heads = r"trainer\.tensor_parallel_size=3 does not divide the model's num_attention_heads=2"
+    with pytest.raises(ValueError, match=heads):
+        check_layout(TrainerConfig(data_parallel_size=1, tensor_parallel_size=3), 3, model_config)
+    # An odd vocabulary is fine: the embedding and the head take uneven shards.
+    check_layout(TrainerConfig(data_parallel_size=1, tensor_parallel_size=2), 2, model_config)

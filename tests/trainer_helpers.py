@@ -1,0 +1,54 @@
+"""What the trainer tests share: small batches, free ports, full-tensor snapshots, and 2-rank gloo runs."""
+
+from __future__ import annotations
+
+import random
+import socket
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from rl.records import Task, Trajectory
+
+TASK = Task("t", ({"role": "user", "content": "x"},), "arithmetic", "math", {"answer": "1"})
+ADVANTAGES = [0.5, -0.5, 1.0, -1.0, 0.25, -0.25, 0.0, 0.0]
+
+
+def trajectories(count: int, vocab: int) -> list[Trajectory]:
+    """Random prompts and responses of different lengths, so batches are padded."""
+    rng = random.Random(0)
+    out = []
+    for _ in range(count):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))]
+        response = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 7))]
+        out.append(Trajectory(TASK, prompt, response, [-1.0] * len(response), [1] * len(response), 0, "stop", ""))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    # A gathered tensor may share the parameter's storage: clone to keep this moment's values.
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def full_parameters_and_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole parameters and, as `<name>.grad`, gradients; a collective when the model is sharded."""
+    state = {}
+    for name, param in model.named_parameters():
+        state[name] = _whole(param)
+        if param.grad is not None:
+            state[f"{name}.grad"] = _whole(param.grad)
+    return state
+
+
+def run_two_ranks(fn: Callable, *args) -> None:
+    """fn(rank, world_size, port, *args) in two fresh processes; a failure on either rank fails the caller."""
+    mp.spawn(fn, args=(2, free_port(), *args), nprocs=2, join=True)
