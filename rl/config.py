@@ -67,7 +67,7 @@ class RolloutConfig:
 class CheckpointConfig:
     # The checkpoint engine moves weights in buckets of this size (a larger tensor group gets a
     # bucket of its own); two buckets' worth of shared memory are in use at a time.
-    bucket_mb: float = 64.0
+    bucket_mb: float = 128.0
     # How long an engine or the trainer waits for the other side at any step of an update.
     timeout_s: float = 120.0
 

@@ -71,6 +71,7 @@ class RolloutEngine:
             tensor_parallel_size=spec.tensor_parallel_size,
         )
         self._tokenizer = self._llm.get_tokenizer()
+        self._llm.collective_rpc("k2rl_keep_plain_weights", args=(spec.load_format != "dummy",))
         # None until weights from the checkpoint engine have fully arrived (also after a failed update).
         self.weight_version: int | None = 0 if spec.load_format != "dummy" else None
         self._reader: CheckpointReader | None = None

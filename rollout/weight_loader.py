@@ -1,9 +1,17 @@
-"""vLLM worker extension: the engine's end of the checkpoint engine (`rl/checkpoint_engine.py`)."""
+"""vLLM worker extension: the engine's end of the checkpoint engine (`rl/checkpoint_engine.py`).
+
+Updates are copies into the engine's own parameters through the model's weight loaders
+(`model.load_weights`), which fuse q/k/v and gate/up and take just this worker's
+tensor-parallel shard. That needs every linear layer to keep its weight as a plain tensor:
+on CPU, vLLM instead packs each weight for oneDNN once at load time and drops the plain copy,
+and rebuilding the pack on every update costs many times the copy itself. So before the first
+update, `k2rl_keep_plain_weights` gives those layers their plain weight back and computes them
+with torch's linear; on GPU there is nothing to undo.
+"""
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
+import torch
 
 from rl.checkpoint_engine import BucketPlan, MappedPlan
 
@@ -19,6 +27,28 @@ class CheckpointEngineLoader:
         mapping = getattr(self.model_runner.get_model(), "packed_modules_mapping", {}) or {}
         return {fused: list(parts) for fused, parts in mapping.items()}
 
+    def k2rl_keep_plain_weights(self, reload_from_disk: bool) -> int:
+        """Undo vLLM's CPU weight packing (see the module docstring); returns the layers changed.
+        Their values are undefined until the next full update, or until they are read from the
+        checkpoint again (`reload_from_disk`)."""
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+        from vllm.model_executor.model_loader.reload.meta import materialize_layer, restore_layer_on_meta
+
+        changed = 0
+        for layer in self.model_runner.get_model().modules():
+            if getattr(layer, "cpu_linear", torch.nn.functional.linear) is torch.nn.functional.linear:
+                continue
+            if layer.weight.numel() == 0:  # packed, and the plain copy dropped
+                info = get_layerwise_info(layer)
+                restore_layer_on_meta(layer, info)
+                materialize_layer(layer, info)
+            layer._cpu_skip_gemm_dispatch = True
+            layer.cpu_linear = torch.nn.functional.linear
+            changed += 1
+        if changed and reload_from_disk:
+            self.model_runner.reload_weights()
+        return changed
+
     def k2rl_attach_plan(self, plan: dict) -> None:
         previous = getattr(self, "_k2rl_mapped", None)
         if previous is not None:
@@ -26,26 +56,8 @@ class CheckpointEngineLoader:
         self._k2rl_mapped = MappedPlan(BucketPlan.from_dict(plan))
 
     def k2rl_load_bucket(self, index: int) -> None:
-        # reload_weights copies into the engine's own (possibly repacked) parameters, and each
-        # worker's weight loaders take just their tensor-parallel shard of the full tensors.
         tensors = self._k2rl_mapped.bucket(index)
         try:
-            with _quiet_partial_reload():
-                self.model_runner.reload_weights(weights_iterator=iter(tensors))
+            self.model_runner.get_model().load_weights(iter(tensors))
         finally:
             tensors.clear()
-
-
-@contextmanager
-def _quiet_partial_reload():
-    """A bucket holds only some of the model's modules; vLLM warns about every other one."""
-    names = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
