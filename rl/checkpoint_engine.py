@@ -8,26 +8,30 @@ For each bucket of one update:
                          checkpoint-engine worker of every node receives the whole bucket)
     the node's worker    (trainer rank 0 of the node, colocated with it) writes the bucket into one
                          of two slots of a shared-memory block
-    each engine          loads the bucket in place from that slot (vLLM's weight loaders take only
-                         the part their own tensor-parallel shard needs) and releases the slot
+    each engine          copies the bucket from that slot into its own parameters (vLLM's weight
+                         loaders take only the part their own tensor-parallel shard needs) and
+                         releases the slot
 
 With two slots, bucket i+1 is gathered and written while the engines load bucket i. An engine
 takes a whole update inside one actor call, so it never generates with a mix of two versions.
 
 Buckets never split a group of parameters that vLLM loads into one module (q/k/v into `qkv_proj`,
-gate/up into `gate_up_proj`, a weight and its bias): vLLM re-processes a module (on CPU it repacks
-the matrix for its GEMM kernels) once all of its weights have arrived within one load. A group
-larger than `bucket_bytes` gets a bucket of its own; the slots are sized for the largest bucket.
+gate/up into `gate_up_proj`, a weight and its bias), so that a module is never half old, half new
+between two buckets for longer than one bucket's load. A group larger than `bucket_bytes` gets a
+bucket of its own; the slots are sized for the largest bucket.
 
 Slots and the hand-over live in one named shared-memory block. Its first bytes are int64 control
 words: per slot, the sequence number of the bucket written into it; per engine and slot, the
-sequence number of the bucket that engine finished loading from it; and an abort word. Each update
-has an id of its own, so sequence numbers never repeat and a restarted engine cannot inherit its
-predecessor's progress.
+sequence number of the bucket that engine finished loading from it; per engine, the id of an
+update it failed; and an abort word. Each update has an id of its own, so sequence numbers never
+repeat and a restarted engine cannot inherit its predecessor's progress. A control word is written
+after the data it announces; x86's store order makes that enough between processes (a weaker
+memory model would need a fence).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -74,7 +78,7 @@ class BucketPlan:
 
     @property
     def control_bytes(self) -> int:
-        return _round_up(8 * (NUM_SLOTS + self.num_readers * NUM_SLOTS + 1), _ALIGN)
+        return _round_up(8 * (NUM_SLOTS + self.num_readers * NUM_SLOTS + self.num_readers + 1), _ALIGN)
 
     @property
     def block_bytes(self) -> int:
@@ -135,7 +139,7 @@ def plan_buckets(
         raise ValueError(f"bucket size must be > 0 bytes, got {bucket_bytes}")
     groups: dict[str, list[tuple[str, str, tuple[int, ...], int]]] = {}
     for name, dtype, shape in layout:
-        nbytes = _numel(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
         groups.setdefault(load_group(name, packed_modules), []).append((name, dtype, tuple(shape), nbytes))
     buckets: list[list[tuple[str, str, tuple[int, ...], int]]] = []
     current: list = []
@@ -195,16 +199,22 @@ class _Block:
     def set_done(self, reader: int, slot: int, sequence: int) -> None:
         self.control[NUM_SLOTS + reader * NUM_SLOTS + slot] = sequence
 
+    def failed_update(self, reader: int) -> int:
+        return int(self.control[NUM_SLOTS + self.plan.num_readers * NUM_SLOTS + reader])
+
+    def set_failed(self, reader: int, update_id: int) -> None:
+        self.control[NUM_SLOTS + self.plan.num_readers * NUM_SLOTS + reader] = update_id
+
     @property
     def aborted_update(self) -> int:
-        return int(self.control[NUM_SLOTS + self.plan.num_readers * NUM_SLOTS])
+        return int(self.control[NUM_SLOTS + self.plan.num_readers * (NUM_SLOTS + 1)])
 
     def abort(self, update_id: int) -> None:
-        self.control[NUM_SLOTS + self.plan.num_readers * NUM_SLOTS] = update_id
+        self.control[NUM_SLOTS + self.plan.num_readers * (NUM_SLOTS + 1)] = update_id
 
     def view(self, slot: int, tensor: TensorSlot) -> torch.Tensor:
         dtype = getattr(torch, tensor.dtype)
-        count = _numel(tensor.shape)
+        count = math.prod(tensor.shape)
         offset = self.plan.control_bytes + slot * self.plan.slot_bytes + tensor.offset
         return torch.frombuffer(self.shm.buf, dtype=dtype, count=count, offset=offset).view(tensor.shape)
 
@@ -225,7 +235,8 @@ class CheckpointWriter:
 
     def write(self, update: WeightUpdate, full_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Copy the gathered tensors (in plan order) into the slots, bucket by bucket, each slot once
-        every engine in `update.readers` has loaded what it held before."""
+        every engine in `update.readers` has loaded what it held before. The previous update must
+        be over (every engine's load returned) before the next one starts."""
         try:
             for bucket in update.plan.buckets:
                 slot = bucket.index % NUM_SLOTS
@@ -245,6 +256,8 @@ class CheckpointWriter:
         deadline = time.monotonic() + update.timeout_s
         for reader in update.readers:
             while self._block.done(reader, slot) < sequence:
+                if self._block.failed_update(reader) == update.update_id:
+                    raise WeightSyncError(f"weight update to version {update.version}: rollout engine {reader} failed")
                 if time.monotonic() > deadline:
                     raise WeightSyncError(
                         f"weight update to version {update.version}: rollout engine {reader} did not load bucket "
@@ -265,6 +278,13 @@ class CheckpointReader:
 
     def read(self, update: WeightUpdate, load) -> None:
         """`load(bucket_index)` must copy the bucket out of its slot before returning."""
+        try:
+            self._follow(update, load)
+        except BaseException:
+            self._block.set_failed(self.reader, update.update_id)
+            raise
+
+    def _follow(self, update: WeightUpdate, load) -> None:
         for bucket in update.plan.buckets:
             slot = bucket.index % NUM_SLOTS
             sequence = update.sequence(bucket.index)
@@ -285,6 +305,20 @@ class CheckpointReader:
         self._block.close()
 
 
+def mark_reader_failed(plan: BucketPlan, reader: int, update_id: int) -> None:
+    """For an engine that died during an update: the writer stops waiting for it at once."""
+    block = _Block(plan, create=False)
+    try:
+        block.set_failed(reader, update_id)
+    finally:
+        block.close()
+
+
+def layout_of(state: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, full shape) of each tensor: what `plan_buckets` takes."""
+    return [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in state.items()]
+
+
 class MappedPlan:
     """Zero-copy views of a bucket's tensors in its slot, for the engine's weight loader. Views are
     valid until the bucket is marked done."""
@@ -299,13 +333,6 @@ class MappedPlan:
 
     def close(self) -> None:
         self._block.close()
-
-
-def _numel(shape: Iterable[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rl.checkpoint_engine import CheckpointWriter, WeightUpdate, plan_buckets
+from rl.checkpoint_engine import CheckpointWriter, WeightUpdate, layout_of, plan_buckets
 
 VOCAB = 8192
 LAYERS = 8
@@ -131,8 +131,7 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
             actors = [engine_actor.remote(spec) for _ in range(engines)]
             ray.get([actor.ready.remote() for actor in actors])
             packed = ray.get(actors[0].packed_modules.remote())
-        layout = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in state.items()]
-        plan = plan_buckets(layout, packed, int(bucket_mb * 2**20), engines, f"k2rl-bench-{uuid.uuid4().hex[:8]}")
+        plan = plan_buckets(layout_of(state), packed, int(bucket_mb * 2**20), engines, f"k2rl-bench-{uuid.uuid4().hex[:8]}")
         writer = CheckpointWriter(plan)
         update_ids = iter(range(1, 1 << 20))
 

@@ -57,9 +57,9 @@ class RolloutConfig:
     engine_start_timeout_s: float = 300.0
     # An engine that dies mid-run is restarted this many times before the run gives up.
     max_engine_restarts: int = 2
-    # "disaggregated": engines and trainer ranks on devices of their own. "colocated": on the same
-    # devices, taking turns (on GPU the engines sleep while the trainer works, and the trainer keeps
-    # its state in host memory while the engines generate). On CPU both share the cores either way.
+    # "disaggregated": engines and trainer ranks on devices of their own. "colocated": engine i and
+    # trainer rank i share device i, taking turns (on GPU the engines sleep, vLLM sleep mode, while
+    # the trainer works). On CPU both share the cores either way and nothing sleeps.
     placement: str = "disaggregated"
 
 

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from rewards import RewardScorer, get_reward
 from rl.bootstrap import ensure_default_policy
-from rl.checkpoint_engine import BucketPlan, WeightUpdate, plan_buckets
+from rl.checkpoint_engine import BucketPlan, WeightSyncError, WeightUpdate, mark_reader_failed, plan_buckets
 from rl.config import ConfigError, RunConfig
 from rl.data import PromptSampler, load_eval_tasks
 from rl.evaluation import accuracy
@@ -104,6 +105,7 @@ class Cluster:
         self.engine_restarts = [0] * config.rollout.num_engines
         self._update_ids = itertools.count(1)
         self._plan: BucketPlan | None = None
+        self._device_bundles = None
         try:
             self._start(model_path)
         except BaseException:
@@ -113,22 +115,30 @@ class Cluster:
     def _start(self, model_path: str) -> None:
         config = self.config
         world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
-        # On GPU every actor takes one device (disaggregated) or engines and trainer ranks share
-        # them (colocated); on CPU they share the cores.
+        # On GPU every actor takes devices of its own (disaggregated), or engine i and trainer rank
+        # i share device i, half each (colocated); on CPU they share the cores.
         gpus = int(ray.cluster_resources().get("GPU", 0))
         colocated = config.rollout.placement == "colocated"
         rollout_tp = config.rollout.tensor_parallel_size
         if rollout_tp > 1 and not gpus:
             raise ConfigError(f"rollout.tensor_parallel_size={rollout_tp} needs GPUs; the Ray cluster has none")
-        self._gpus_per_actor = (0.5 if colocated else 1) if gpus else 0
+        if colocated and gpus and (config.rollout.num_engines != world or rollout_tp != 1):
+            raise ConfigError(
+                f"rollout.placement=colocated on GPU pairs one engine with each trainer rank: it needs "
+                f"rollout.num_engines = {world} trainer ranks and rollout.tensor_parallel_size = 1"
+            )
         engine_gpus = config.rollout.num_engines * rollout_tp
-        needed = max(engine_gpus, world) if colocated else engine_gpus + world
+        needed = world if colocated else engine_gpus + world
         if gpus and gpus < needed:
             raise ConfigError(
                 f"{needed} GPUs needed for rollout.num_engines={config.rollout.num_engines} x "
                 f"rollout.tensor_parallel_size={rollout_tp} and {world} trainer ranks "
                 f"(rollout.placement={config.rollout.placement}), the Ray cluster has {gpus}"
             )
+        if colocated and gpus:
+            self._device_bundles = ray.util.placement_group([{"GPU": 1}] * world, strategy="PACK")
+            ray.get(self._device_bundles.ready())
+        self._gpus_per_actor = (0.5 if colocated else 1) if gpus else 0
         self._engine_spec = EngineSpec(
             model_path=model_path,
             dtype=config.model.dtype,
@@ -141,13 +151,15 @@ class Cluster:
             tensor_parallel_size=rollout_tp,
         )
         self._engine_actor = ray.remote(num_cpus=0, num_gpus=self._gpus_per_actor * rollout_tp)(RolloutEngine)
-        self.engines = [self._engine_actor.remote(self._engine_spec) for _ in range(config.rollout.num_engines)]
+        self.engines = [self._start_engine(index) for index in range(config.rollout.num_engines)]
         for index, engine in enumerate(self.engines):
             self._wait_ready(index, engine, "failed to start")
         trainer_actor = ray.remote(num_cpus=0, num_gpus=self._gpus_per_actor)(TrainerWorker)
         port = _free_port()
         self.trainers = [
-            trainer_actor.remote(rank, world, port, model_path, config.model.dtype, config.trainer, config.seed)
+            trainer_actor.options(**self._on_device(rank)).remote(
+                rank, world, port, model_path, config.model.dtype, config.trainer, config.seed
+            )
             for rank in range(world)
         ]
         ray.get([trainer.__ray_ready__.remote() for trainer in self.trainers])
@@ -163,6 +175,16 @@ class Cluster:
         ray.get(self.trainers[0].open_checkpoint_engine.remote(self._plan))
         self._push_weights(0, tuple(range(len(self.engines))))
 
+    def _on_device(self, index: int) -> dict:
+        """Actor options that put a colocated engine or trainer rank `index` on device `index`."""
+        if self._device_bundles is None:
+            return {}
+        strategy = PlacementGroupSchedulingStrategy(self._device_bundles, placement_group_bundle_index=index)
+        return {"scheduling_strategy": strategy}
+
+    def _start_engine(self, index: int):
+        return self._engine_actor.options(**self._on_device(index)).remote(self._engine_spec)
+
     def _wait_ready(self, index: int, engine, failure: str) -> None:
         timeout = self.config.rollout.engine_start_timeout_s
         try:
@@ -175,13 +197,29 @@ class Cluster:
             raise EngineStartError(f"rollout engine {index} {failure}: {_error_summary(error)}") from None
 
     def _push_weights(self, version: int, readers: tuple[int, ...]) -> None:
-        """One checkpoint-engine update: every trainer rank gathers, rank 0 writes, `readers` load."""
+        """One checkpoint-engine update: every trainer rank gathers, rank 0 writes, `readers` load.
+        An engine that dies on the way is restarted and then given `version` alone."""
         update = WeightUpdate(self._plan, next(self._update_ids), version, readers, self.config.checkpoint.timeout_s)
         if self._engine_spec.sleep_between_rollouts:
             ray.get([self.engines[index].wake_up.remote() for index in readers])
         gathers = [trainer.broadcast_weights.remote(update) for trainer in self.trainers]
-        loads = [self.engines[index].receive_update.remote(update, index) for index in readers]
-        ray.get(gathers + loads)
+        loads = {self.engines[index].receive_update.remote(update, index): index for index in readers}
+        died: dict[int, BaseException] = {}
+        pending = list(loads)
+        while pending:  # in completion order: a dead engine is noticed while the others still wait
+            (future,), pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(future)
+            except ray.exceptions.RayActorError as error:
+                mark_reader_failed(self._plan, loads[future], update.update_id)  # the writer stops waiting
+                died[loads[future]] = error
+        try:
+            ray.get(gathers)
+        except ray.exceptions.RayTaskError as error:
+            if not died or not isinstance(error.cause, WeightSyncError):
+                raise
+        for index, error in died.items():
+            self._restart_engine(index, error, version)
 
     def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Trajectory]:
         """Spread tasks over the engines in contiguous chunks; results come back in task order.
@@ -203,13 +241,11 @@ class Cluster:
                     results[index] = ray.get(future)
                     del chunks[index]
                 except ray.exceptions.RayActorError as error:
-                    self._restart_engine(index, error)
-        if self._engine_spec.sleep_between_rollouts:
-            ray.get([engine.sleep.remote() for engine in self.engines])
+                    self._restart_engine(index, error, self.weight_version)
         return [completion for index in sorted(results) for completion in results[index]]
 
-    def _restart_engine(self, index: int, cause: BaseException) -> None:
-        """Replace a dead engine and bring it to the current weight version; the others keep theirs."""
+    def _restart_engine(self, index: int, cause: BaseException, version: int) -> None:
+        """Replace a dead engine and bring it to `version`; the other engines are not involved."""
         self.engine_restarts[index] += 1
         limit = self.config.rollout.max_engine_restarts
         if self.engine_restarts[index] > limit:
@@ -219,12 +255,15 @@ class Cluster:
             )
         log.warning("rollout engine %d died (%s); restarting it", index, _error_summary(cause))
         ray.kill(self.engines[index])
-        self.engines[index] = self._engine_actor.remote(self._engine_spec)
+        self.engines[index] = self._start_engine(index)
         self._wait_ready(index, self.engines[index], "died and could not be restarted")
-        self._push_weights(self.weight_version, (index,))
+        self._push_weights(version, (index,))
 
     def train(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
         """Each data-parallel group gets its shard; the ranks of one tensor-parallel group share it."""
+        if self._engine_spec.sleep_between_rollouts:
+            # Colocated on GPU: the engines give the devices to the trainer until the next update.
+            ray.get([engine.sleep.remote() for engine in self.engines])
         tp = self.config.trainer.tensor_parallel_size
         dp = len(self.trainers) // tp
         shard = len(trajectories) // dp
@@ -276,6 +315,9 @@ class Cluster:
         for actor in self.engines + self.trainers:
             ray.kill(actor)
         self.engines, self.trainers = [], []
+        if self._device_bundles is not None:
+            ray.util.remove_placement_group(self._device_bundles)
+            self._device_bundles = None
 
 
 class Controller:

@@ -8,8 +8,8 @@ shard of the batch (the tp ranks of a group on the same shard):
     recompute pi_old logprobs  ->  for each mini-batch: micro-batches with gradient
     accumulation  ->  reduce-scatter  ->  clip  ->  Muon/AdamW step  ->  QK-Clip
 
-Every method but `shutdown` is a collective: all ranks must call it, with the same
-arguments except for the data shard given to `train`.
+`train`, `sequence_logprobs`, `broadcast_weights` and `save` are collectives: all ranks must
+call them, with the same arguments except for the data shard given to `train`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rl.checkpoint_engine import BucketPlan, CheckpointWriter, WeightUpdate
+from rl.checkpoint_engine import BucketPlan, CheckpointWriter, WeightUpdate, layout_of
 from rl.config import TrainerConfig
 from rl.loss import k2_policy_loss, token_logprobs
 from rl.optim import MuonWithAdamW
@@ -80,10 +80,7 @@ class TrainerWorker:
 
     def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, full shape) of every state-dict entry, for planning the checkpoint engine's buckets."""
-        return [
-            (name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
-            for name, tensor in self.model.state_dict().items()
-        ]
+        return layout_of(self.model.state_dict())
 
     def open_checkpoint_engine(self, plan: BucketPlan) -> None:
         """Rank 0: create the shared-memory block the engines of this node load from."""

@@ -140,6 +140,7 @@ class RolloutEngine:
         """
         from vllm import SamplingParams, TokensPrompt
 
+        self._require_weights()
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
         output = self._llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
         return [step[token].logprob for step, token in zip(output.prompt_logprobs[1:], token_ids[1:])]
@@ -157,7 +158,7 @@ class RolloutEngine:
     def receive_update(self, update: WeightUpdate, reader: int) -> int:
         """Load every bucket of `update` in place as the checkpoint engine writes it (one actor call,
         so no generation runs between two buckets); returns the new version."""
-        if self._reader is None or self._reader.plan != update.plan:
+        if self._reader is None or (self._reader.plan, self._reader.reader) != (update.plan, reader):
             if self._reader is not None:
                 self._reader.close()
             self._reader = CheckpointReader(update.plan, reader)

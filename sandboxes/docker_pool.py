@@ -583,6 +583,9 @@ class DockerSandbox(LoopSandbox):
         for container in live:
             _remove_quietly(container)
         for slot in self._slots:
+            if slot.runner is not None:
+                slot.runner.close()
+                slot.runner = None
             if slot.attach is not None:
                 _Stream(slot.attach).close()
                 slot.attach = None

@@ -6,7 +6,16 @@ import uuid
 import pytest
 import torch
 
-from rl.checkpoint_engine import CheckpointReader, CheckpointWriter, MappedPlan, WeightSyncError, WeightUpdate, plan_buckets
+from rl.checkpoint_engine import (
+    CheckpointReader,
+    CheckpointWriter,
+    MappedPlan,
+    WeightSyncError,
+    WeightUpdate,
+    layout_of,
+    mark_reader_failed,
+    plan_buckets,
+)
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -36,8 +45,7 @@ def _state() -> dict[str, torch.Tensor]:
 
 
 def _plan(state, bucket_bytes: int, readers: int = 2):
-    layout = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in state.items()]
-    return plan_buckets(layout, PACKED, bucket_bytes, readers, f"k2rl-test-{uuid.uuid4().hex[:8]}")
+    return plan_buckets(layout_of(state), PACKED, bucket_bytes, readers, f"k2rl-test-{uuid.uuid4().hex[:8]}")
 
 
 def test_buckets_keep_vllm_load_groups_whole_and_fit_the_size():
@@ -64,7 +72,7 @@ def test_bucket_size_must_be_positive():
         _plan(_state(), bucket_bytes=0)
 
 
-def _transfer(plan, state, update, readers, seen):
+def _transfer(plan, update, readers, seen):
     """Run the writer and one reader thread per engine; each reader copies what it loads."""
     errors = []
 
@@ -94,7 +102,7 @@ def test_every_reader_receives_every_version_through_two_slots():
             new = {name: t * version for name, t in state.items()}
             update = WeightUpdate(plan, version, version, (0, 1), timeout_s=30)
             seen = {0: {}, 1: {}}
-            threads, errors = _transfer(plan, new, update, (0, 1), seen)
+            threads, errors = _transfer(plan, update, (0, 1), seen)
             writer.write(update, ((name, new[name]) for name in plan.names))
             for thread in threads:
                 thread.join()
@@ -112,14 +120,14 @@ def test_a_replacement_reader_does_not_inherit_its_predecessors_progress():
     writer = CheckpointWriter(plan)
     try:
         first = WeightUpdate(plan, 1, 1, (0,), timeout_s=30)
-        threads, errors = _transfer(plan, state, first, (0,), {0: {}})
+        threads, errors = _transfer(plan, first, (0,), {0: {}})
         writer.write(first, ((name, state[name]) for name in plan.names))
         threads[0].join()
         # The same version again for a restarted engine 0: a new update id, so the writer waits for
         # the new reader's own progress; a writer that trusted the old marks would fail this.
         again = WeightUpdate(plan, 2, 1, (0,), timeout_s=30)
         seen = {0: {}}
-        threads, errors = _transfer(plan, state, again, (0,), seen)
+        threads, errors = _transfer(plan, again, (0,), seen)
         writer.write(again, ((name, state[name]) for name in plan.names))
         threads[0].join()
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
@@ -133,7 +141,7 @@ def test_a_reader_that_stops_loading_is_named_in_the_writers_error():
     writer = CheckpointWriter(plan)
     try:
         update = WeightUpdate(plan, 1, 7, (0, 1), timeout_s=0.5)
-        threads, errors = _transfer(plan, state, update, (0,), {0: {}})  # engine 1 never reads
+        threads, errors = _transfer(plan, update, (0,), {0: {}})  # engine 1 never reads
         with pytest.raises(WeightSyncError, match="version 7: rollout engine 1 did not load bucket 0 within checkpoint.timeout_s"):
             writer.write(update, ((name, state[name]) for name in plan.names))
         threads[0].join()
@@ -149,8 +157,23 @@ def test_a_reader_without_a_writer_times_out_naming_the_bucket():
     writer = CheckpointWriter(plan)
     try:
         update = WeightUpdate(plan, 1, 3, (0,), timeout_s=0.3)
-        threads, errors = _transfer(plan, state, update, (0,), {0: {}})
+        threads, errors = _transfer(plan, update, (0,), {0: {}})
         threads[0].join()
         assert "version 3: bucket 0 was not written within checkpoint.timeout_s=0.3s" in str(errors[0])
+    finally:
+        writer.close()
+
+
+def test_an_engine_that_dies_mid_update_stops_the_writer_at_once():
+    state = _state()
+    plan = _plan(state, bucket_bytes=1024)
+    writer = CheckpointWriter(plan)
+    try:
+        update = WeightUpdate(plan, 1, 4, (0, 1), timeout_s=30)
+        threads, errors = _transfer(plan, update, (0,), {0: {}})
+        mark_reader_failed(plan, 1, update.update_id)  # what the controller does for a dead engine
+        with pytest.raises(WeightSyncError, match="version 4: rollout engine 1 failed"):
+            writer.write(update, ((name, state[name]) for name in plan.names))
+        threads[0].join()
     finally:
         writer.close()
