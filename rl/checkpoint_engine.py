@@ -235,8 +235,9 @@ class CheckpointWriter:
 
     def write(self, update: WeightUpdate, full_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Copy the gathered tensors (in plan order) into the slots, bucket by bucket, each slot once
-        every engine in `update.readers` has loaded what it held before. The previous update must
-        be over (every engine's load returned) before the next one starts."""
+        every engine in `update.readers` has loaded what it held before (an engine marked failed
+        is no longer waited for). The previous update must be over (every engine's load
+        returned) before the next one starts."""
         try:
             for bucket in update.plan.buckets:
                 slot = bucket.index % NUM_SLOTS
@@ -257,7 +258,7 @@ class CheckpointWriter:
         for reader in update.readers:
             while self._block.done(reader, slot) < sequence:
                 if self._block.failed_update(reader) == update.update_id:
-                    raise WeightSyncError(f"weight update to version {update.version}: rollout engine {reader} failed")
+                    break  # the controller restarts that engine; the others get their update
                 if time.monotonic() > deadline:
                     raise WeightSyncError(
                         f"weight update to version {update.version}: rollout engine {reader} did not load bucket "
@@ -306,7 +307,8 @@ class CheckpointReader:
 
 
 def mark_reader_failed(plan: BucketPlan, reader: int, update_id: int) -> None:
-    """For an engine that died during an update: the writer stops waiting for it at once."""
+    """For an engine that died during an update: the writer stops waiting for it at once and goes
+    on with the other engines."""
     block = _Block(plan, create=False)
     try:
         block.set_failed(reader, update_id)

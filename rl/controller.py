@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from rewards import RewardScorer, get_reward
 from rl.bootstrap import ensure_default_policy
-from rl.checkpoint_engine import BucketPlan, WeightSyncError, WeightUpdate, mark_reader_failed, plan_buckets
+from rl.checkpoint_engine import BucketPlan, WeightUpdate, mark_reader_failed, plan_buckets
 from rl.config import ConfigError, RunConfig
 from rl.data import PromptSampler, load_eval_tasks
 from rl.evaluation import accuracy
@@ -213,11 +213,7 @@ class Cluster:
             except ray.exceptions.RayActorError as error:
                 mark_reader_failed(self._plan, loads[future], update.update_id)  # the writer stops waiting
                 died[loads[future]] = error
-        try:
-            ray.get(gathers)
-        except ray.exceptions.RayTaskError as error:
-            if not died or not isinstance(error.cause, WeightSyncError):
-                raise
+        ray.get(gathers)
         for index, error in died.items():
             self._restart_engine(index, error, version)
 

@@ -164,16 +164,17 @@ def test_a_reader_without_a_writer_times_out_naming_the_bucket():
         writer.close()
 
 
-def test_an_engine_that_dies_mid_update_stops_the_writer_at_once():
+def test_the_writer_goes_on_without_an_engine_that_died():
     state = _state()
     plan = _plan(state, bucket_bytes=1024)
     writer = CheckpointWriter(plan)
     try:
         update = WeightUpdate(plan, 1, 4, (0, 1), timeout_s=30)
-        threads, errors = _transfer(plan, update, (0,), {0: {}})
+        seen = {0: {}}
+        threads, errors = _transfer(plan, update, (0,), seen)
         mark_reader_failed(plan, 1, update.update_id)  # what the controller does for a dead engine
-        with pytest.raises(WeightSyncError, match="version 4: rollout engine 1 failed"):
-            writer.write(update, ((name, state[name]) for name in plan.names))
+        writer.write(update, ((name, state[name]) for name in plan.names))
         threads[0].join()
+        assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
     finally:
         writer.close()

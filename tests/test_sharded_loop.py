@@ -2,6 +2,7 @@
 checkpoint engine in buckets smaller than the largest tensor, and an engine killed mid-run."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
             "trainer.micro_batch_size=4",
             "trainer.qk_clip_threshold=50.0",
             "checkpoint.bucket_mb=0.05",  # 52 KB: smaller than the embedding and the head
+            "checkpoint.timeout_s=60",
             f"model.path={tiny_policy}",
         ],
     )
@@ -59,6 +61,16 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
             assert {t.weight_version for t in out} == {cluster.weight_version}
             restarted = torch.tensor(ray_cluster.get(cluster.engines[1].sequence_logprobs.remote(sequence)))
             assert (restarted - trainer).abs().max().item() < 1e-3
+            # Engine 0 dies as an update begins: the writer stops waiting for it at once (well
+            # within checkpoint.timeout_s), engine 0 is restarted and gets that same version.
+            ray_cluster.kill(cluster.engines[0])
+            started = time.monotonic()
+            assert cluster.sync_weights() == 2
+            assert time.monotonic() - started < config.checkpoint.timeout_s
+            restarts.append(list(cluster.engine_restarts))
+            for engine in cluster.engines:
+                got = torch.tensor(ray_cluster.get(engine.sequence_logprobs.remote(sequence)))
+                assert (got - trainer).abs().max().item() < 1e-3
         if step == 2:
             # An engine that dies more often than rollout.max_engine_restarts allows ends the run clearly.
             cluster.config.rollout.max_engine_restarts = 1
@@ -69,9 +81,9 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
 
     summary = Controller(config, tmp_path / "run").run(str(tiny_policy), on_step=after_step)
 
-    assert summary.weight_version == 2
-    assert restarts == [[0, 1]]
-    assert [(step, version) for step, version, _ in checks] == [(1, 1), (1, 1), (2, 2), (2, 2)]
+    assert summary.weight_version == 3
+    assert restarts == [[0, 1], [1, 1]]
+    assert [(step, version) for step, version, _ in checks] == [(1, 1), (1, 1), (2, 3), (2, 3)]
     assert all(diff < 1e-3 for _, _, diff in checks), checks
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["logprob_diff_mean"] < 1e-3 and "max_attention_logit" in row for row in rows[1:])
