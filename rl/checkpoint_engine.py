@@ -227,10 +227,12 @@ class _Block:
 
 
 class CheckpointWriter:
-    """The node's checkpoint-engine worker, inside trainer rank 0: owns the shared-memory block."""
+    """A node's checkpoint-engine worker, inside the node's first trainer rank: owns the node's
+    shared-memory block (one per node, under the same name) and serves the engines of its node."""
 
-    def __init__(self, plan: BucketPlan):
+    def __init__(self, plan: BucketPlan, local_readers: tuple[int, ...]):
         self.plan = plan
+        self.local_readers = local_readers
         self._block = _Block(plan, create=True)
 
     def write(self, update: WeightUpdate, full_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
@@ -255,7 +257,7 @@ class CheckpointWriter:
 
     def _wait_for_readers(self, update: WeightUpdate, slot: int, sequence: int, bucket: int) -> None:
         deadline = time.monotonic() + update.timeout_s
-        for reader in update.readers:
+        for reader in (r for r in update.readers if r in self.local_readers):
             while self._block.done(reader, slot) < sequence:
                 if self._block.failed_update(reader) == update.update_id:
                     break  # the controller restarts that engine; the others get their update

@@ -132,7 +132,7 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
             ray.get([actor.ready.remote() for actor in actors])
             packed = ray.get(actors[0].packed_modules.remote())
         plan = plan_buckets(layout_of(state), packed, int(bucket_mb * 2**20), engines, f"k2rl-bench-{uuid.uuid4().hex[:8]}")
-        writer = CheckpointWriter(plan)
+        writer = CheckpointWriter(plan, local_readers=tuple(range(engines)))
         update_ids = iter(range(1, 1 << 20))
 
         def update(readers: tuple[int, ...]) -> float:

@@ -89,6 +89,22 @@ def _error_summary(error: BaseException) -> str:
     return lines[-1].strip() if lines else type(cause).__name__
 
 
+def checkpoint_workers(trainer_nodes: list[str], engine_nodes: list[str]) -> dict[int, tuple[int, ...]]:
+    """Trainer rank -> the engines it serves: the first rank of each node serves that node's engines."""
+    first_rank: dict[str, int] = {}
+    for rank, node in enumerate(trainer_nodes):
+        first_rank.setdefault(node, rank)
+    workers: dict[int, tuple[int, ...]] = {}
+    for index, node in enumerate(engine_nodes):
+        if node not in first_rank:
+            raise ConfigError(
+                f"rollout engine {index} runs on node {node[:12]}, where no trainer rank runs: the checkpoint "
+                "engine serves engines from a trainer rank on their own node"
+            )
+        workers[first_rank[node]] = workers.get(first_rank[node], ()) + (index,)
+    return workers
+
+
 class Cluster:
     """The Ray actors of one run: rollout engines, trainer ranks, and the checkpoint engine between them.
 
@@ -172,8 +188,15 @@ class Cluster:
             num_readers=len(self.engines),
             block_name=f"k2rl-ckpt-{uuid.uuid4().hex[:12]}",
         )
-        ray.get(self.trainers[0].open_checkpoint_engine.remote(self._plan))
+        self._open_checkpoint_engine()
         self._push_weights(0, tuple(range(len(self.engines))))
+
+    def _open_checkpoint_engine(self) -> None:
+        """One checkpoint-engine worker per node: the node's first trainer rank serves its engines."""
+        trainer_nodes = ray.get([trainer.node_id.remote() for trainer in self.trainers])
+        engine_nodes = ray.get([engine.node_id.remote() for engine in self.engines])
+        workers = checkpoint_workers(trainer_nodes, engine_nodes)
+        ray.get([self.trainers[rank].open_checkpoint_engine.remote(self._plan, local) for rank, local in workers.items()])
 
     def _on_device(self, index: int) -> dict:
         """Actor options that put a colocated engine or trainer rank `index` on device `index`."""

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -33,7 +34,8 @@ from rl.records import Trajectory
 
 
 class TrainerWorker:
-    """Run as a Ray actor. Rank 0 reads the checkpoint and is the node's checkpoint-engine worker."""
+    """Run as a Ray actor. Rank 0 reads the checkpoint; the first rank on each node with engines
+    is that node's checkpoint-engine worker."""
 
     def __init__(
         self,
@@ -82,13 +84,16 @@ class TrainerWorker:
         """(name, dtype, full shape) of every state-dict entry, for planning the checkpoint engine's buckets."""
         return layout_of(self.model.state_dict())
 
-    def open_checkpoint_engine(self, plan: BucketPlan) -> None:
-        """Rank 0: create the shared-memory block the engines of this node load from."""
-        if self.rank == 0:
-            self.checkpoint_writer = CheckpointWriter(plan)
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def open_checkpoint_engine(self, plan: BucketPlan, local_readers: tuple[int, ...]) -> None:
+        """Called on the first rank of each node that runs engines: become the node's
+        checkpoint-engine worker and create the shared-memory block those engines load from."""
+        self.checkpoint_writer = CheckpointWriter(plan, local_readers)
 
     def broadcast_weights(self, update: WeightUpdate) -> None:
-        """A collective: every rank gathers each bucket, rank 0 writes it for the engines."""
+        """A collective: every rank gathers each bucket, each node's worker writes it for its engines."""
         tensors = self.iter_full_tensors(update.plan.names)
         try:
             if self.checkpoint_writer is not None:

@@ -84,6 +84,11 @@ class RolloutEngine:
         token = self._tokenizer.eos_token_id or 0
         self._llm.generate([TokensPrompt(prompt_token_ids=[token, token])], SamplingParams(max_tokens=2), use_tqdm=False)
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def ready(self) -> int:
         return self.weight_version
 

@@ -96,7 +96,7 @@ def test_every_reader_receives_every_version_through_two_slots():
     state = _state()
     plan = _plan(state, bucket_bytes=1024)  # smaller than the largest tensor
     assert len(plan.buckets) > 4
-    writer = CheckpointWriter(plan)
+    writer = CheckpointWriter(plan, local_readers=(0, 1))
     try:
         for version in (1, 2):
             new = {name: t * version for name, t in state.items()}
@@ -117,7 +117,7 @@ def test_every_reader_receives_every_version_through_two_slots():
 def test_a_replacement_reader_does_not_inherit_its_predecessors_progress():
     state = _state()
     plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan)
+    writer = CheckpointWriter(plan, local_readers=(0, 1))
     try:
         first = WeightUpdate(plan, 1, 1, (0,), timeout_s=30)
         threads, errors = _transfer(plan, first, (0,), {0: {}})
@@ -138,7 +138,7 @@ def test_a_replacement_reader_does_not_inherit_its_predecessors_progress():
 def test_a_reader_that_stops_loading_is_named_in_the_writers_error():
     state = _state()
     plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan)
+    writer = CheckpointWriter(plan, local_readers=(0, 1))
     try:
         update = WeightUpdate(plan, 1, 7, (0, 1), timeout_s=0.5)
         threads, errors = _transfer(plan, update, (0,), {0: {}})  # engine 1 never reads
@@ -154,7 +154,7 @@ def test_a_reader_that_stops_loading_is_named_in_the_writers_error():
 def test_a_reader_without_a_writer_times_out_naming_the_bucket():
     state = _state()
     plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan)
+    writer = CheckpointWriter(plan, local_readers=(0, 1))
     try:
         update = WeightUpdate(plan, 1, 3, (0,), timeout_s=0.3)
         threads, errors = _transfer(plan, update, (0,), {0: {}})
@@ -167,7 +167,7 @@ def test_a_reader_without_a_writer_times_out_naming_the_bucket():
 def test_the_writer_goes_on_without_an_engine_that_died():
     state = _state()
     plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan)
+    writer = CheckpointWriter(plan, local_readers=(0, 1))
     try:
         update = WeightUpdate(plan, 1, 4, (0, 1), timeout_s=30)
         seen = {0: {}}
@@ -178,3 +178,28 @@ def test_the_writer_goes_on_without_an_engine_that_died():
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
     finally:
         writer.close()
+
+
+def test_a_nodes_writer_waits_only_for_the_engines_of_its_node():
+    state = _state()
+    plan = _plan(state, bucket_bytes=1024)
+    writer = CheckpointWriter(plan, local_readers=(0,))  # engine 1 loads from another node's block
+    try:
+        update = WeightUpdate(plan, 1, 2, (0, 1), timeout_s=30)
+        seen = {0: {}}
+        threads, errors = _transfer(plan, update, (0,), seen)
+        writer.write(update, ((name, state[name]) for name in plan.names))
+        threads[0].join()
+        assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
+    finally:
+        writer.close()
+
+
+def test_each_node_with_engines_gets_its_first_trainer_rank_as_worker():
+    from rl.config import ConfigError
+    from rl.controller import checkpoint_workers
+
+    assert checkpoint_workers(["a", "a"], ["a", "a"]) == {0: (0, 1)}
+    assert checkpoint_workers(["a", "a", "b", "b"], ["b", "a", "b"]) == {2: (0, 2), 0: (1,)}
+    with pytest.raises(ConfigError, match="rollout engine 1 runs on node c, where no trainer rank runs"):
+        checkpoint_workers(["a", "b"], ["a", "c"])
