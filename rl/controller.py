@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from rewards import RewardScorer, get_reward
 from rl.bootstrap import ensure_default_policy
@@ -33,6 +34,7 @@ from rl.data import PromptSampler, load_eval_tasks
 from rl.evaluation import accuracy
 from rl.loss import group_advantages
 from rl.metrics import MetricsLogger
+from rl.parallel import check_layout
 from rl.records import RewardResult, Task, Trajectory
 from rl.trainer import TrainerWorker
 from rollout.engine import EngineSpec, RolloutEngine, SamplingSpec
@@ -131,6 +133,8 @@ class Cluster:
     def _start(self, model_path: str) -> None:
         config = self.config
         world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
+        # A mesh that cannot split the model fails here, before any process starts.
+        check_layout(config.trainer, world, AutoConfig.from_pretrained(model_path))
         # On GPU every actor takes devices of its own (disaggregated), or engine i and trainer rank
         # i share device i, half each (colocated); on CPU they share the cores.
         gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import PretrainedConfig
 
-from rl.config import TrainerConfig
+from rl.config import ConfigError, TrainerConfig
 
 # Qwen2 attention reshapes its projections with -1 heads, so each rank simply runs its
 # local heads; the output head gathers the full logits for the loss.
@@ -40,17 +40,17 @@ _SPLIT_DIMENSIONS = ("num_attention_heads", "num_key_value_heads", "intermediate
 
 
 def check_layout(config: TrainerConfig, world_size: int, model_config: PretrainedConfig) -> None:
-    """Raise a ValueError naming the key when the mesh cannot be built or cannot split the model."""
+    """Raise a ConfigError naming the key when the mesh cannot be built or cannot split the model."""
     dp, tp = config.data_parallel_size, config.tensor_parallel_size
     if dp * tp != world_size:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.data_parallel_size x trainer.tensor_parallel_size = {dp} x {tp} = {dp * tp} "
             f"does not match the {world_size} trainer ranks"
         )
     for name in _SPLIT_DIMENSIONS:
         value = getattr(model_config, name)
         if value % tp:
-            raise ValueError(f"trainer.tensor_parallel_size={tp} does not divide the model's {name}={value}")
+            raise ConfigError(f"trainer.tensor_parallel_size={tp} does not divide the model's {name}={value}")
 
 
 def build_mesh(config: TrainerConfig, device_type: str) -> DeviceMesh:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.config import load_config
-from rl.controller import Controller, EngineStartError
+from rl.config import ConfigError, load_config
+from rl.controller import Cluster, Controller, EngineStartError
 from rl.records import Task
 from rollout.engine import SamplingSpec
 
@@ -87,3 +87,10 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
     assert all(diff < 1e-3 for _, _, diff in checks), checks
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["logprob_diff_mean"] < 1e-3 and "max_attention_logit" in row for row in rows[1:])
+
+
+def test_a_mesh_that_cannot_split_the_model_fails_before_any_process_starts(tiny_policy, ray_cluster):
+    overrides = ["trainer.data_parallel_size=1", "trainer.tensor_parallel_size=3", f"model.path={tiny_policy}"]
+    config = load_config(None, overrides)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3 does not divide the model's num_attention_heads=2"):
+        Cluster(config, str(tiny_policy))
