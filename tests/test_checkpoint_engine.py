@@ -1,5 +1,6 @@
 """The checkpoint engine's planning and hand-over, with the writer and readers in threads."""
 
+import dataclasses
 import threading
 import uuid
 
@@ -141,7 +142,9 @@ def test_a_reader_that_stops_loading_is_named_in_the_writers_error():
     writer = CheckpointWriter(plan, local_readers=(0, 1))
     try:
         update = WeightUpdate(plan, 1, 7, (0, 1), timeout_s=0.5)
-        threads, errors = _transfer(plan, update, (0,), {0: {}})  # engine 1 never reads
+        # Engine 0 would wait far longer than the writer: what ends its wait is the abort.
+        patient = dataclasses.replace(update, timeout_s=30)
+        threads, errors = _transfer(plan, patient, (0,), {0: {}})  # engine 1 never reads
         with pytest.raises(WeightSyncError, match="version 7: rollout engine 1 did not load bucket 0 within checkpoint.timeout_s"):
             writer.write(update, ((name, state[name]) for name in plan.names))
         threads[0].join()
