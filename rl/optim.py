@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rl.config import TrainerConfig
+from rl.parallel import whole
 
 # Embeddings and the output head are matrices too, but Muon is meant for the
 # hidden linear maps; these stay with AdamW.
@@ -69,13 +70,9 @@ class Muon(torch.optim.Optimizer):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(param.grad, 1 - momentum)
                 nesterov = param.grad.lerp(buffer, momentum)
-                update = _shard_like(param, orthogonalize(_whole(nesterov)))
+                update = _shard_like(param, orthogonalize(whole(nesterov)))
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-lr * 0.2 * math.sqrt(max(param.shape)))
-
-
-def _whole(tensor: Tensor) -> Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _shard_like(param: Tensor, whole: Tensor) -> Tensor:

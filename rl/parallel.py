@@ -39,6 +39,11 @@ _MEGATRON_PLAN = {
 _SPLIT_DIMENSIONS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
+def whole(tensor: Tensor) -> Tensor:
+    """The full tensor: gathered from every rank for a DTensor (a collective), as it is otherwise."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def check_layout(config: TrainerConfig, world_size: int, model_config: PretrainedConfig) -> None:
     """Raise a ConfigError naming the key when the mesh cannot be built or cannot split the model."""
     dp, tp = config.data_parallel_size, config.tensor_parallel_size

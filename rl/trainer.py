@@ -21,14 +21,13 @@ from datetime import timedelta
 import ray
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rl.checkpoint_engine import BucketPlan, CheckpointWriter, WeightUpdate, layout_of
 from rl.config import TrainerConfig
 from rl.loss import k2_policy_loss, token_logprobs
 from rl.optim import MuonWithAdamW
-from rl.parallel import build_mesh, check_layout, shard_model
+from rl.parallel import build_mesh, check_layout, shard_model, whole
 from rl.qk_clip import QKClip
 from rl.records import Trajectory
 
@@ -112,7 +111,7 @@ class TrainerWorker:
         state = self.model.state_dict()
         for name in names if names is not None else list(state):
             tensor = state[name]
-            yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            yield name, whole(tensor)
 
     def _batch_tensors(self, trajectories: list[Trajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ids, attention mask, and a mask over the logprob positions of response tokens."""

@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from rl.parallel import whole
 from rl.records import Task, Trajectory
 
 TASK = Task("t", ({"role": "user", "content": "x"},), "arithmetic", "math", {"answer": "1"})
@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     # A gathered tensor may share the parameter's storage: clone to keep this moment's values.
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+    return whole(tensor).detach().clone()
 
 
 def full_parameters_and_grads(model: nn.Module) -> dict[str, torch.Tensor]:
