@@ -139,7 +139,7 @@ def plan_buckets(
         raise ValueError(f"bucket size must be > 0 bytes, got {bucket_bytes}")
     groups: dict[str, list[tuple[str, str, tuple[int, ...], int]]] = {}
     for name, dtype, shape in layout:
-        nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
         groups.setdefault(load_group(name, packed_modules), []).append((name, dtype, tuple(shape), nbytes))
     buckets: list[list[tuple[str, str, tuple[int, ...], int]]] = []
     current: list = []

@@ -3,6 +3,7 @@
 import dataclasses
 import threading
 import uuid
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -73,6 +74,22 @@ def test_bucket_size_must_be_positive():
         _plan(_state(), bucket_bytes=0)
 
 
+@contextmanager
+def _writer(local_readers=(0, 1)):
+    """The test state, a plan of 1 KB buckets (smaller than the largest tensor) and its writer."""
+    state = _state()
+    plan = _plan(state, bucket_bytes=1024)
+    writer = CheckpointWriter(plan, local_readers=local_readers)
+    try:
+        yield state, plan, writer
+    finally:
+        writer.close()
+
+
+def _in_plan_order(plan, state):
+    return ((name, state[name]) for name in plan.names)
+
+
 def _transfer(plan, update, readers, seen):
     """Run the writer and one reader thread per engine; each reader copies what it loads."""
     errors = []
@@ -94,108 +111,78 @@ def _transfer(plan, update, readers, seen):
 
 
 def test_every_reader_receives_every_version_through_two_slots():
-    state = _state()
-    plan = _plan(state, bucket_bytes=1024)  # smaller than the largest tensor
-    assert len(plan.buckets) > 4
-    writer = CheckpointWriter(plan, local_readers=(0, 1))
-    try:
+    with _writer() as (state, plan, writer):
+        assert len(plan.buckets) > 4
         for version in (1, 2):
             new = {name: t * version for name, t in state.items()}
             update = WeightUpdate(plan, version, version, (0, 1), timeout_s=30)
             seen = {0: {}, 1: {}}
             threads, errors = _transfer(plan, update, (0, 1), seen)
-            writer.write(update, ((name, new[name]) for name in plan.names))
+            writer.write(update, _in_plan_order(plan, new))
             for thread in threads:
                 thread.join()
             assert not errors, errors
             for reader in (0, 1):
                 assert seen[reader].keys() == new.keys()
                 assert all(torch.equal(seen[reader][n], new[n]) for n in new)
-    finally:
-        writer.close()
 
 
 def test_a_replacement_reader_does_not_inherit_its_predecessors_progress():
-    state = _state()
-    plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan, local_readers=(0, 1))
-    try:
+    with _writer() as (state, plan, writer):
         first = WeightUpdate(plan, 1, 1, (0,), timeout_s=30)
         threads, errors = _transfer(plan, first, (0,), {0: {}})
-        writer.write(first, ((name, state[name]) for name in plan.names))
+        writer.write(first, _in_plan_order(plan, state))
         threads[0].join()
         # The same version again for a restarted engine 0: a new update id, so the writer waits for
         # the new reader's own progress; a writer that trusted the old marks would fail this.
         again = WeightUpdate(plan, 2, 1, (0,), timeout_s=30)
         seen = {0: {}}
         threads, errors = _transfer(plan, again, (0,), seen)
-        writer.write(again, ((name, state[name]) for name in plan.names))
+        writer.write(again, _in_plan_order(plan, state))
         threads[0].join()
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
-    finally:
-        writer.close()
 
 
 def test_a_reader_that_stops_loading_is_named_in_the_writers_error():
-    state = _state()
-    plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan, local_readers=(0, 1))
-    try:
+    with _writer() as (state, plan, writer):
         update = WeightUpdate(plan, 1, 7, (0, 1), timeout_s=0.5)
         # Engine 0 would wait far longer than the writer: what ends its wait is the abort.
         patient = dataclasses.replace(update, timeout_s=30)
         threads, errors = _transfer(plan, patient, (0,), {0: {}})  # engine 1 never reads
         with pytest.raises(WeightSyncError, match="version 7: rollout engine 1 did not load bucket 0 within checkpoint.timeout_s"):
-            writer.write(update, ((name, state[name]) for name in plan.names))
+            writer.write(update, _in_plan_order(plan, state))
         threads[0].join()
         # The writer's failure aborts the update for the readers that were waiting: no hang.
         assert errors and "aborted" in str(errors[0])
-    finally:
-        writer.close()
 
 
 def test_a_reader_without_a_writer_times_out_naming_the_bucket():
-    state = _state()
-    plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan, local_readers=(0, 1))
-    try:
+    with _writer() as (state, plan, writer):
         update = WeightUpdate(plan, 1, 3, (0,), timeout_s=0.3)
         threads, errors = _transfer(plan, update, (0,), {0: {}})
         threads[0].join()
         assert "version 3: bucket 0 was not written within checkpoint.timeout_s=0.3s" in str(errors[0])
-    finally:
-        writer.close()
 
 
 def test_the_writer_goes_on_without_an_engine_that_died():
-    state = _state()
-    plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan, local_readers=(0, 1))
-    try:
+    with _writer() as (state, plan, writer):
         update = WeightUpdate(plan, 1, 4, (0, 1), timeout_s=30)
         seen = {0: {}}
         threads, errors = _transfer(plan, update, (0,), seen)
         mark_reader_failed(plan, 1, update.update_id)  # what the controller does for a dead engine
-        writer.write(update, ((name, state[name]) for name in plan.names))
+        writer.write(update, _in_plan_order(plan, state))
         threads[0].join()
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
-    finally:
-        writer.close()
 
 
 def test_a_nodes_writer_waits_only_for_the_engines_of_its_node():
-    state = _state()
-    plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan, local_readers=(0,))  # engine 1 loads from another node's block
-    try:
+    with _writer(local_readers=(0,)) as (state, plan, writer):  # engine 1 loads from another node's block
         update = WeightUpdate(plan, 1, 2, (0, 1), timeout_s=30)
         seen = {0: {}}
         threads, errors = _transfer(plan, update, (0,), seen)
-        writer.write(update, ((name, state[name]) for name in plan.names))
+        writer.write(update, _in_plan_order(plan, state))
         threads[0].join()
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
-    finally:
-        writer.close()
 
 
 def test_each_node_with_engines_gets_its_first_trainer_rank_as_worker():
