@@ -69,11 +69,12 @@ while True:
 # every place a run can write to, and reports the exit status, leftovers and whether the kernel
 # OOM-killed anything. It sends one such report (without an exit status) right after it starts.
 RUNNER = (
-    r"""
+    f"FRAME_FORMAT = {FRAME_FORMAT!r}\n"
+    f"REPORT, STDOUT, STDERR, STARTED = {FRAME_REPORT}, {FRAME_STDOUT}, {FRAME_STDERR}, {FRAME_STARTED}\n"
+    + r"""
 import ctypes, json, os, resource, select, shutil, signal, stat, struct, time
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
 FRAME = struct.Struct(FRAME_FORMAT)
-REPORT, STDOUT, STDERR, STARTED = FRAME_REPORT, FRAME_STDOUT, FRAME_STDERR, FRAME_STARTED
 
 def emit(kind, data=b""):
     view = memoryview(FRAME.pack(kind, len(data)) + data)
@@ -284,9 +285,4 @@ while True:
     if spec.get("op") == "run":
         run(spec)
 """
-    .replace("FRAME_FORMAT", repr(FRAME_FORMAT))
-    .replace("FRAME_REPORT", str(FRAME_REPORT))
-    .replace("FRAME_STDOUT", str(FRAME_STDOUT))
-    .replace("FRAME_STDERR", str(FRAME_STDERR))
-    .replace("FRAME_STARTED", str(FRAME_STARTED))
 )
