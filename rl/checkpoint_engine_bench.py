@@ -5,7 +5,8 @@ A random Qwen2-architecture model of about `--params` parameters is made in this
 plays the checkpoint-engine worker of a one-rank trainer (its gather is then the identity, so the
 figures are those of the broadcast and the engines' in-place loads). The rollout engines are real
 vLLM engines in Ray actors, started with `load_format="dummy"` so that no checkpoint is written or
-read. Each figure is the best of `--repeats` updates.
+read. Each figure is the best of `--repeats` rounds; a round times the memcpy, then an update into
+one engine, then one into every engine.
 """
 
 from __future__ import annotations
@@ -91,18 +92,21 @@ def _random_state(config) -> dict[str, torch.Tensor]:
     return {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
 
 
-def _memcpy_seconds(state: dict[str, torch.Tensor], repeats: int) -> float:
+def _memcpy(state: dict[str, torch.Tensor]):
+    """A timed plain copy of every tensor into one preallocated buffer (the baseline)."""
     flat = [t.reshape(-1) for t in state.values()]
     target = torch.empty(sum(t.numel() for t in flat))
-    best = float("inf")
-    for _ in range(repeats):
+
+    def copy() -> float:
         start = time.perf_counter()
         offset = 0
         for tensor in flat:
             target[offset : offset + tensor.numel()].copy_(tensor)
             offset += tensor.numel()
-        best = min(best, time.perf_counter() - start)
-    return best
+        return time.perf_counter() - start
+
+    copy()  # touches the target's pages: not part of the timing
+    return copy
 
 
 def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: int = 3) -> WeightSyncBench:
@@ -116,7 +120,7 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
     state = _random_state(config)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     total_params = sum(t.numel() for t in state.values())
-    memcpy = _memcpy_seconds(state, repeats)
+    memcpy_once = _memcpy(state)
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -145,8 +149,12 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
             return time.perf_counter() - start
 
         update(tuple(range(engines)))  # attaches every engine to the block: not part of the timing
-        one = min(update((0,)) for _ in range(repeats))
-        every = min(update(tuple(range(engines))) for _ in range(repeats)) if engines > 1 else one
+        # Interleaved, so that the machine's varying memory bandwidth affects every figure alike.
+        memcpy = one = every = float("inf")
+        for _ in range(repeats):
+            memcpy = min(memcpy, memcpy_once())
+            one = min(one, update((0,)))
+            every = min(every, update(tuple(range(engines))) if engines > 1 else one)
     finally:
         for actor in actors:
             ray.kill(actor)

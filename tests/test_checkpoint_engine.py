@@ -111,6 +111,7 @@ def _transfer(plan, update, readers, seen):
 
 
 def test_every_reader_receives_every_version_through_two_slots():
+    threads_before = torch.get_num_threads()
     with _writer() as (state, plan, writer):
         assert len(plan.buckets) > 4
         for version in (1, 2):
@@ -125,6 +126,7 @@ def test_every_reader_receives_every_version_through_two_slots():
             for reader in (0, 1):
                 assert seen[reader].keys() == new.keys()
                 assert all(torch.equal(seen[reader][n], new[n]) for n in new)
+        assert torch.get_num_threads() == threads_before  # the writer's copy threads are given back
 
 
 def test_a_replacement_reader_does_not_inherit_its_predecessors_progress():
@@ -193,3 +195,15 @@ def test_each_node_with_engines_gets_its_first_trainer_rank_as_worker():
     assert checkpoint_workers(["a", "a", "b", "b"], ["b", "a", "b"]) == {2: (0, 2), 0: (1,)}
     with pytest.raises(ConfigError, match="rollout engine 1 runs on node c, where no trainer rank runs"):
         checkpoint_workers(["a", "b"], ["a", "c"])
+
+
+def test_weight_sync_bench_times_updates_into_real_engines_against_memcpy(ray_cluster):
+    from rl.checkpoint_engine_bench import run_weight_sync_bench
+
+    bench = run_weight_sync_bench(params=2_000_000, engines=2, bucket_mb=1, repeats=1)
+    assert bench.engines == 2 and bench.buckets > 2
+    for timing in (bench.memcpy, bench.one_engine, bench.all_engines):
+        assert timing.seconds > 0 and timing.gb_per_s == pytest.approx(bench.gigabytes / timing.seconds)
+    assert bench.one_engine.ratio_to_memcpy == pytest.approx(bench.one_engine.seconds / bench.memcpy.seconds)
+    assert bench.all_engines_vs_one == pytest.approx(bench.all_engines.seconds / bench.one_engine.seconds)
+    assert "2 engines / 1 engine" in bench.describe()
