@@ -227,8 +227,9 @@ class Cluster:
         """One checkpoint-engine update: every trainer rank gathers, rank 0 writes, `readers` load.
         An engine that dies on the way is restarted and then given `version` alone."""
         update = WeightUpdate(self._plan, next(self._update_ids), version, readers, self.config.checkpoint.timeout_s)
-        if self._engine_spec.sleep_between_rollouts:
-            ray.get([self.engines[index].wake_up.remote() for index in readers])
+        colocated = self._engine_spec.sleep_between_rollouts
+        if colocated:
+            ray.get([self.engines[index].wake_up.remote(("weights",)) for index in readers])
         gathers = [trainer.broadcast_weights.remote(update) for trainer in self.trainers]
         loads = {self.engines[index].receive_update.remote(update, index): index for index in readers}
         died: dict[int, BaseException] = {}
@@ -241,6 +242,10 @@ class Cluster:
                 mark_reader_failed(self._plan, loads[future], update.update_id)  # the writer stops waiting
                 died[loads[future]] = error
         ray.get(gathers)
+        if colocated:
+            # The trainer's memory goes to the host before the engines' KV caches come back.
+            ray.get([trainer.offload.remote() for trainer in self.trainers])
+            ray.get([self.engines[index].wake_up.remote(("kv_cache",)) for index in readers if index not in died])
         for index, error in died.items():
             self._restart_engine(index, error, version)
 
@@ -285,7 +290,8 @@ class Cluster:
     def train(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
         """Each data-parallel group gets its shard; the ranks of one tensor-parallel group share it."""
         if self._engine_spec.sleep_between_rollouts:
-            # Colocated on GPU: the engines give the devices to the trainer until the next update.
+            # Colocated on GPU: the engines give the devices to the trainer (which takes its
+            # offloaded state back in `train`) until the next update.
             ray.get([engine.sleep.remote() for engine in self.engines])
         tp = self.config.trainer.tensor_parallel_size
         dp = len(self.trainers) // tp

@@ -10,6 +10,9 @@ shard of the batch (the tp ranks of a group on the same shard):
 
 `train`, `sequence_logprobs`, `broadcast_weights` and `save` are collectives: all ranks must
 call them, with the same arguments except for the data shard given to `train`.
+
+Colocated with the engines on GPU, the trainer `offload`s its parameters and optimizer state to
+host memory while the engines generate; each of those collectives brings them back first.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class TrainerWorker:
         self.model = model
         self.optimizer = MuonWithAdamW(model, config)
         self.checkpoint_writer: CheckpointWriter | None = None
+        self.offloaded = False
 
     def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, full shape) of every state-dict entry, for planning the checkpoint engine's buckets."""
@@ -101,6 +105,31 @@ class TrainerWorker:
             for _ in tensors:  # every rank takes part in every gather, also after a failure here
                 pass
 
+    def offload(self) -> None:
+        """Free the device for the engines: parameters and optimizer state to host memory,
+        gradients dropped. The next collective brings them back."""
+        self.optimizer.zero_grad()
+        self._move_to(torch.device("cpu"))
+        self.offloaded = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _on_device(self) -> None:
+        if self.offloaded:
+            self._move_to(self.device)
+            self.offloaded = False
+
+    def _move_to(self, device: torch.device) -> None:
+        # FSDP2 keeps its sharded parameters registered across `Module.to`, and DTensor
+        # parameters are swapped in place, so the optimizer's references stay valid.
+        self.model.to(device)
+        for optimizer in self.optimizer.optimizers:
+            for state in optimizer.state.values():
+                for key, value in state.items():
+                    # AdamW keeps its step count on the host whatever the device.
+                    if isinstance(value, torch.Tensor) and key != "step":
+                        state[key] = value.to(device, non_blocking=True)
+
     def iter_full_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Entries of the Hugging Face state dict (all, or `names` in that order), whole, one at a time.
 
@@ -108,6 +137,7 @@ class TrainerWorker:
         tensor. A tensor may share storage with the parameters: copy it to keep it past
         the next update.
         """
+        self._on_device()
         state = self.model.state_dict()
         for name in names if names is not None else list(state):
             tensor = state[name]
@@ -138,6 +168,7 @@ class TrainerWorker:
         With QK-Clip on, the metrics include `max_attention_logit`: the largest logit of any
         head before its clip, over all ranks and optimizer steps of the batch.
         """
+        self._on_device()
         config = self.config
         if config.reset_optimizer_each_step:
             self.optimizer = MuonWithAdamW(self.model, config)
@@ -202,6 +233,7 @@ class TrainerWorker:
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """Per-token logprobs of one sequence; a collective: every rank must call it with the same ids."""
+        self._on_device()
         input_ids = torch.tensor([token_ids], device=self.device)
         logits = self.model(input_ids=input_ids).logits
         return token_logprobs(logits, input_ids, temperature=1.0)[0].tolist()

@@ -75,6 +75,7 @@ class RolloutEngine:
         # None until weights from the checkpoint engine have fully arrived (also after a failed update).
         self.weight_version: int | None = 0 if spec.load_format != "dummy" else None
         self._reader: CheckpointReader | None = None
+        self._asleep: set[str] = set()  # vLLM sleep-mode memory tags not yet woken
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -152,10 +153,17 @@ class RolloutEngine:
 
     def sleep(self) -> None:
         """Give the device to the trainer: weights to host memory, KV cache dropped."""
-        self._llm.sleep(level=1)
+        if not self._asleep:
+            self._llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
 
-    def wake_up(self) -> None:
-        self._llm.wake_up()
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Take back the device memory of `tags`: the weights before an update, the KV cache after
+        the trainer has offloaded, so the two never hold the device at once."""
+        todo = [tag for tag in tags if tag in self._asleep]
+        if todo:
+            self._llm.wake_up(tags=todo)
+            self._asleep.difference_update(todo)
 
     def packed_modules(self) -> dict[str, list[str]]:
         return self._llm.collective_rpc("k2rl_packed_modules")[0]

@@ -40,3 +40,29 @@ def test_update_moves_weights_and_second_step_sees_the_log_ratio(tiny_policy):
     assert "model.layers.0.self_attn.q_proj.weight" in moved and "lm_head.weight" in moved
     # The second optimizer step trains against pi_old, no longer equal to pi_theta.
     assert metrics["log_ratio_abs_mean"] > 0
+
+
+def test_offloading_between_steps_changes_nothing(tiny_policy):
+    """Colocated on GPU the trainer offloads after each update; here host and device are one, so
+    this checks that the move keeps FSDP2's shards, the optimizer's references and its state."""
+
+    def two_steps(offload: bool) -> dict[str, torch.Tensor]:
+        config = TrainerConfig(data_parallel_size=1, micro_batch_size=4)
+        worker = TrainerWorker(0, 1, free_port(), str(tiny_policy), "float32", config, seed=0)
+        try:
+            batch = trajectories(8, worker.model.config.vocab_size)
+            for _ in range(2):
+                worker.train(batch, ADVANTAGES, temperature=1.0)
+                if offload:
+                    worker.offload()
+                    assert worker.offloaded
+            worker.sequence_logprobs(batch[0].prompt_ids)
+            assert not worker.offloaded
+            return full_parameters_and_grads(worker.model)
+        finally:
+            worker.shutdown()
+
+    plain, offloaded = two_steps(offload=False), two_steps(offload=True)
+    for name, value in plain.items():
+        if not name.endswith(".grad"):  # offloading drops the last step's gradients
+            assert torch.equal(value, offloaded[name]), name
