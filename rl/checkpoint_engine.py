@@ -242,7 +242,7 @@ class CheckpointWriter:
         is no longer waited for). The previous update must be over (every engine's load
         returned) before the next one starts."""
         try:
-            with _copy_threads(len(self.local_readers)):
+            with _copy_threads(len(set(update.readers) & set(self.local_readers))):
                 self._write(update, full_tensors)
         except BaseException:
             self._block.abort(update.update_id)
@@ -345,12 +345,12 @@ class MappedPlan:
 
 
 @contextmanager
-def _copy_threads(local_readers: int):
-    """The writer copies with the cores its node's engines leave free (at least one): each engine
+def _copy_threads(loading_readers: int):
+    """The writer copies with the cores the loading engines leave free (at least one): each engine
     copies out of the other slot at the same time, and torch's threads competing with them for a
     core slow both sides down more than the extra threads speed the write up."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - local_readers)))
+    torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)) - loading_readers)))
     try:
         yield
     finally:

@@ -229,6 +229,8 @@ class Cluster:
         update = WeightUpdate(self._plan, next(self._update_ids), version, readers, self.config.checkpoint.timeout_s)
         colocated = self._engine_spec.sleep_between_rollouts
         if colocated:
+            # The device holds the trainer's parameters and the engines' weights during the update.
+            ray.get([trainer.offload.remote(parameters=False) for trainer in self.trainers])
             ray.get([self.engines[index].wake_up.remote(("weights",)) for index in readers])
         gathers = [trainer.broadcast_weights.remote(update) for trainer in self.trainers]
         loads = {self.engines[index].receive_update.remote(update, index): index for index in readers}

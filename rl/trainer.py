@@ -12,7 +12,7 @@ shard of the batch (the tp ranks of a group on the same shard):
 call them, with the same arguments except for the data shard given to `train`.
 
 Colocated with the engines on GPU, the trainer `offload`s its parameters and optimizer state to
-host memory while the engines generate; each of those collectives brings them back first.
+host memory while the engines hold the device; each of those collectives takes back what it needs.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class TrainerWorker:
         self.model = model
         self.optimizer = MuonWithAdamW(model, config)
         self.checkpoint_writer: CheckpointWriter | None = None
-        self.offloaded = False
+        self.offloaded: set[str] = set()  # "parameters", "optimizer": on the host (colocated on GPU)
 
     def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, full shape) of every state-dict entry, for planning the checkpoint engine's buckets."""
@@ -105,30 +105,40 @@ class TrainerWorker:
             for _ in tensors:  # every rank takes part in every gather, also after a failure here
                 pass
 
-    def offload(self) -> None:
-        """Free the device for the engines: parameters and optimizer state to host memory,
-        gradients dropped. The next collective brings them back."""
+    def offload(self, parameters: bool = True) -> None:
+        """Free the device for the engines: optimizer state (and, with `parameters`, the
+        parameters) to host memory, gradients dropped. A collective takes back what it needs:
+        `train` everything, the gathers and `sequence_logprobs` the parameters alone."""
         self.optimizer.zero_grad()
-        self._move_to(torch.device("cpu"))
-        self.offloaded = True
+        if "optimizer" not in self.offloaded:
+            self._move_optimizer_state(torch.device("cpu"))
+            self.offloaded.add("optimizer")
+        if parameters and "parameters" not in self.offloaded:
+            # FSDP2 keeps its sharded parameters registered across `Module.to`, and DTensor
+            # parameters are swapped in place, so the optimizer's references stay valid.
+            self.model.to("cpu")
+            self.offloaded.add("parameters")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _on_device(self) -> None:
-        if self.offloaded:
-            self._move_to(self.device)
-            self.offloaded = False
+    def _on_device(self, with_optimizer: bool) -> None:
+        if "parameters" in self.offloaded:
+            self.model.to(self.device)
+            self.offloaded.discard("parameters")
+        if with_optimizer and "optimizer" in self.offloaded:
+            self._move_optimizer_state(self.device)
+            self.offloaded.discard("optimizer")
 
-    def _move_to(self, device: torch.device) -> None:
-        # FSDP2 keeps its sharded parameters registered across `Module.to`, and DTensor
-        # parameters are swapped in place, so the optimizer's references stay valid.
-        self.model.to(device)
+    def _move_optimizer_state(self, device: torch.device) -> None:
         for optimizer in self.optimizer.optimizers:
-            for state in optimizer.state.values():
-                for key, value in state.items():
-                    # AdamW keeps its step count on the host whatever the device.
-                    if isinstance(value, torch.Tensor) and key != "step":
-                        state[key] = value.to(device, non_blocking=True)
+            for group in optimizer.param_groups:
+                # Unless fused or capturable, AdamW keeps its step count on the host.
+                step_on_device = group.get("fused") or group.get("capturable")
+                for param in group["params"]:
+                    state = optimizer.state.get(param, {})
+                    for key, value in state.items():
+                        if isinstance(value, torch.Tensor) and (key != "step" or step_on_device):
+                            state[key] = value.to(device, non_blocking=True)
 
     def iter_full_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Entries of the Hugging Face state dict (all, or `names` in that order), whole, one at a time.
@@ -137,7 +147,7 @@ class TrainerWorker:
         tensor. A tensor may share storage with the parameters: copy it to keep it past
         the next update.
         """
-        self._on_device()
+        self._on_device(with_optimizer=False)
         state = self.model.state_dict()
         for name in names if names is not None else list(state):
             tensor = state[name]
@@ -168,7 +178,7 @@ class TrainerWorker:
         With QK-Clip on, the metrics include `max_attention_logit`: the largest logit of any
         head before its clip, over all ranks and optimizer steps of the batch.
         """
-        self._on_device()
+        self._on_device(with_optimizer=True)
         config = self.config
         if config.reset_optimizer_each_step:
             self.optimizer = MuonWithAdamW(self.model, config)
@@ -233,7 +243,7 @@ class TrainerWorker:
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """Per-token logprobs of one sequence; a collective: every rank must call it with the same ids."""
-        self._on_device()
+        self._on_device(with_optimizer=False)
         input_ids = torch.tensor([token_ids], device=self.device)
         logits = self.model(input_ids=input_ids).logits
         return token_logprobs(logits, input_ids, temperature=1.0)[0].tolist()

@@ -43,8 +43,8 @@ def test_update_moves_weights_and_second_step_sees_the_log_ratio(tiny_policy):
 
 
 def test_offloading_between_steps_changes_nothing(tiny_policy):
-    """Colocated on GPU the trainer offloads after each update; here host and device are one, so
-    this checks that the move keeps FSDP2's shards, the optimizer's references and its state."""
+    """Colocated on GPU the trainer offloads around each update; here host and device are one, so
+    this checks that the moves keep FSDP2's shards, the optimizer's references and its state."""
 
     def two_steps(offload: bool) -> dict[str, torch.Tensor]:
         config = TrainerConfig(data_parallel_size=1, micro_batch_size=4)
@@ -54,10 +54,12 @@ def test_offloading_between_steps_changes_nothing(tiny_policy):
             for _ in range(2):
                 worker.train(batch, ADVANTAGES, temperature=1.0)
                 if offload:
-                    worker.offload()
-                    assert worker.offloaded
-            worker.sequence_logprobs(batch[0].prompt_ids)
-            assert not worker.offloaded
+                    worker.offload(parameters=False)  # before an update
+                    assert worker.offloaded == {"optimizer"}
+                    worker.offload()  # after it
+                    assert worker.offloaded == {"optimizer", "parameters"}
+            worker.sequence_logprobs(batch[0].prompt_ids)  # takes back the parameters alone
+            assert worker.offloaded == ({"optimizer"} if offload else set())
             return full_parameters_and_grads(worker.model)
         finally:
             worker.shutdown()
