@@ -59,7 +59,8 @@ class RolloutConfig:
     max_engine_restarts: int = 2
     # "disaggregated": engines and trainer ranks on devices of their own. "colocated": engine i and
     # trainer rank i share device i, taking turns (on GPU the engines sleep, vLLM sleep mode, while
-    # the trainer works). On CPU both share the cores either way and nothing sleeps.
+    # the trainer works, and the trainer offloads to host memory while they generate). On CPU both
+    # share the cores either way and nothing sleeps or offloads.
     placement: str = "disaggregated"
 
 
