@@ -241,18 +241,21 @@ class CheckpointWriter:
         every engine in `update.readers` has loaded what it held before (an engine marked failed
         is no longer waited for). The previous update must be over (every engine's load
         returned) before the next one starts."""
+        loading = tuple(reader for reader in update.readers if reader in self.local_readers)
         try:
-            with _copy_threads(len(set(update.readers) & set(self.local_readers))):
-                self._write(update, full_tensors)
+            with _copy_threads(len(loading)):
+                self._write(update, loading, full_tensors)
         except BaseException:
             self._block.abort(update.update_id)
             raise
 
-    def _write(self, update: WeightUpdate, full_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    def _write(
+        self, update: WeightUpdate, loading: tuple[int, ...], full_tensors: Iterator[tuple[str, torch.Tensor]]
+    ) -> None:
         for bucket in update.plan.buckets:
             slot = bucket.index % NUM_SLOTS
             if bucket.index >= NUM_SLOTS:
-                self._wait_for_readers(update, slot, update.sequence(bucket.index - NUM_SLOTS), bucket.index)
+                self._wait_for_readers(update, loading, slot, update.sequence(bucket.index - NUM_SLOTS), bucket.index)
             for tensor in bucket.tensors:
                 name, value = next(full_tensors)
                 if name != tensor.name:
@@ -260,9 +263,11 @@ class CheckpointWriter:
                 self._block.view(slot, tensor).copy_(value.detach().reshape(tensor.shape))
             self._block.set_written(slot, update.sequence(bucket.index))
 
-    def _wait_for_readers(self, update: WeightUpdate, slot: int, sequence: int, bucket: int) -> None:
+    def _wait_for_readers(
+        self, update: WeightUpdate, loading: tuple[int, ...], slot: int, sequence: int, bucket: int
+    ) -> None:
         deadline = time.monotonic() + update.timeout_s
-        for reader in (r for r in update.readers if r in self.local_readers):
+        for reader in loading:
             while self._block.done(reader, slot) < sequence:
                 if self._block.failed_update(reader) == update.update_id:
                     break  # the controller restarts that engine; the others get their update
