@@ -157,7 +157,7 @@ class RolloutEngine:
             self._llm.sleep(level=1)
             self._asleep = {"weights", "kv_cache"}
 
-    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+    def wake_up(self, tags: tuple[str, ...]) -> None:
         """Take back the device memory of `tags`: the weights before an update, the KV cache after
         the trainer has offloaded, so the two never hold the device at once."""
         todo = [tag for tag in tags if tag in self._asleep]
