@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sync.add_argument("--params", type=float, default=1e8, help="model size in parameters (default 1e8)")
     bench_sync.add_argument("--engines", type=int, default=2, help="rollout engines (default 2)")
     bench_sync.add_argument("--bucket-mb", type=float, default=128.0, help="bucket size in MB (default 128, as checkpoint.bucket_mb)")
-    bench_sync.add_argument("--repeats", type=int, default=3, help="updates per figure; the best counts (default 3)")
+    bench_sync.add_argument("--repeats", type=int, default=3, help="timed rounds (memcpy, then the updates); each figure is its best (default 3)")
     bench_sync.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_sync.set_defaults(handler=cmd_bench_weight_sync)
     return parser
