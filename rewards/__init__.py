@@ -4,6 +4,7 @@ Importing the package registers the built-in rewards, so that any process,
 including a scorer worker, sees them once it has imported `rewards`.
 """
 
+from rewards import code  # noqa: F401  (registers "code")
 from rewards import math_answer  # noqa: F401  (registers "math")
 from rewards import instruction  # noqa: F401  (registers "instruction")
 from rewards import puzzle  # noqa: F401  (registers "puzzle")

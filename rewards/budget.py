@@ -11,8 +11,8 @@ from rl.records import RewardResult
 
 
 def apply_budget(result: RewardResult, truncated: bool, penalty: float) -> RewardResult:
-    """Replace `result` with `penalty` if the response hit its token budget."""
-    if not truncated:
+    """Replace `result` with `penalty` if the response hit its token budget (a failed reward stays failed)."""
+    if not truncated or result.failed:
         return result
     return RewardResult(
         score=penalty,

@@ -1,9 +1,14 @@
 """The `math` reward: is the response's final answer equal to the gold answer?
 
-Equality is mathematical, not textual (`0.5` equals `\\frac{1}{2}`), which is
-what `math_verify` provides. Its default extraction prefers a `\\boxed{...}`
-answer and otherwise takes the last expression in the text. When the gold answer
-is a number, the response must state a number, not an expression that equals it.
+Equality is mathematical, not textual (`0.5` equals `\\frac{1}{2}`, `x = 5` answers `5`), which is
+what `math_verify` provides. Its default extraction prefers a `\\boxed{...}` answer and
+otherwise takes the last expression in the text.
+
+`reward_spec`:
+- `answer` (required): the gold answer, plain or LaTeX.
+- `require_number` (default false): the response must state a number, not an expression that
+  equals one (`54 - 18` for `36`). Arithmetic tasks need it: a policy otherwise learns to leave
+  the arithmetic to the checker. The built-in arithmetic generator switches it on.
 """
 
 from __future__ import annotations
@@ -35,9 +40,7 @@ def math_reward(task: Task, response: str) -> RewardResult:
     predicted = parse(response, parsing_timeout=timeout)
     if not predicted:
         return RewardResult(0.0, "no_answer")
-    # A policy can otherwise leave the arithmetic to the checker ("54 - 18" equals 36
-    # symbolically): a numeric gold answer must be answered with a number.
-    if _is_number(gold[0]) and not _is_number(predicted[0]):
+    if task.reward_spec.get("require_number", False) and _is_number(gold[0]) and not _is_number(predicted[0]):
         return RewardResult(0.0, "unevaluated_answer")
     if verify(gold, predicted, timeout_seconds=timeout):
         return RewardResult(1.0, "correct")

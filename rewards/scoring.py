@@ -8,14 +8,16 @@ one sandbox pool.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from types import TracebackType
 
 from rewards.budget import apply_budget
 from rewards.registry import get_reward
-from rl.records import RewardResult, Task
+from rl.records import RewardResult, Task, Trajectory
 
 
 class RewardScorer:
@@ -62,6 +64,25 @@ class RewardScorer:
         for result, (_, _, truncated) in zip(results, items):
             yield apply_budget(result, truncated, budget_penalty)
 
+    async def score_episode(self, trajectory: Trajectory, budget_penalty: float) -> RewardResult:
+        """An ended episode's reward: the task's named reward on its final assistant message, else
+        the sum of the environment's step rewards; both are kept in `components`. A truncated
+        episode gets the budget penalty instead (K2 budget control)."""
+        task = trajectory.task
+        if task.reward:
+            if self._pool is None:
+                result = _score_one(task, trajectory.response_text)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._pool, _score_one, task, trajectory.response_text)
+        else:
+            result = RewardResult(trajectory.env_reward, "environment")
+        components = {**result.components, "env_reward": trajectory.env_reward}
+        if task.reward:
+            components["task_reward"] = result.score
+        result = RewardResult(result.score, result.reason, components, result.error)
+        return result if result.failed else apply_budget(result, trajectory.truncated, budget_penalty)
+
     def close(self) -> None:
         """Shut the worker processes down; the scorer cannot score afterwards."""
         if self._pool is not None:
@@ -80,15 +101,15 @@ class RewardScorer:
 
 
 def _score_one(task: Task, response: str) -> RewardResult:
-    """Run one reward, turning its exception into a zero-score result.
+    """Run one reward; an exception becomes a failed result that carries its traceback.
 
-    One malformed response or task must not cost the whole batch. Runs in
-    worker processes too: importing this module there imports the `rewards`
-    package, which registers the built-in rewards, and `get_reward` finds
-    entry-point rewards the same way it does in the parent.
+    A failed result is never training signal: the loop masks its response out and counts it. Runs
+    in worker processes too: importing this module there imports the `rewards` package, which
+    registers the built-in rewards, and `get_reward` finds entry-point rewards the same way it
+    does in the parent.
     """
     reward = get_reward(task.reward)
     try:
         return reward(task, response)
-    except Exception as exc:
-        return RewardResult(0.0, f"reward_error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the user's reward: counted and reported by the caller
+        return RewardResult(0.0, f"reward_error: {type(exc).__name__}: {exc}", error=traceback.format_exc())

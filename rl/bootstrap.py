@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from rl.data import arithmetic_eval_tasks, arithmetic_problem, arithmetic_train_problems
+from rl.data.arithmetic import arithmetic_eval_tasks, arithmetic_problem, arithmetic_train_problems
 from rl.evaluation import greedy_accuracy_hf
 
 POLICY_NAME = "arith-qwen2-v1"

@@ -35,37 +35,84 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from rl.controller import Controller, EngineStartError, init_local_ray, resolve_model_path
+    from rl.cluster import EngineStartError
+    from rl.loop import Controller, RewardErrorLimit
+    from rl.run_checkpoint import CheckpointError
+    from rl.weight_sync.transport import WeightSyncError
+    from rollout.rendering import RenderError
 
     try:
-        config_path, overrides = _split_config_args(ns.config_and_overrides)
-        config = load_config(config_path, overrides)
-        run_dir = Path(ns.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        config, run_dir = _train_config(ns)
         controller = Controller(config, run_dir)
         model_path = resolve_model_path(config)
-    except (ConfigError, UnknownRewardError, ImportError, ValueError, OSError) as error:
+    except (ConfigError, CheckpointError, UnknownRewardError, ImportError, ValueError, OSError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:
         return _fail("interrupted")
 
     import ray
 
-    init_local_ray(ns.verbose)
+    from rl.cluster.ray_session import connect
+
     try:
-        summary = controller.run(model_path)
-    except (EngineStartError, ConfigError, UnknownRewardError) as error:
+        connect(ns.ray_address, ns.verbose)
+        summary = controller.run(model_path, resume=ns.resume is not None)
+    except (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, RewardErrorLimit, RenderError, WeightSyncError) as error:
         return _fail(str(error))
     except ray.exceptions.RayError as error:
         return _fail(f"a Ray worker failed: {str(error).strip().splitlines()[-1]}")
     except KeyboardInterrupt:
-        return _fail(f"interrupted; partial outputs are in {run_dir}")
+        return _fail(f"interrupted; outputs so far are in {run_dir}")
     finally:
         ray.shutdown()
+    if summary.stopped_at is not None:
+        print(f"k2rl: stopped after step {summary.stopped_at} with a checkpoint; continue with: k2rl train --resume {run_dir}")
+        return 0
+    accuracy = "" if summary.initial_eval_accuracy is None else f"{summary.initial_eval_accuracy:.3f} -> "
     print(
-        f"k2rl: done in {summary.seconds / 60:.1f} min; eval accuracy {summary.initial_eval_accuracy:.3f} -> "
+        f"k2rl: done in {summary.seconds / 60:.1f} min; eval accuracy {accuracy}"
         f"{summary.final_eval_accuracy:.3f}; weight version {summary.weight_version}; outputs in {summary.run_dir}"
     )
     return 0
+
+
+def _train_config(ns: argparse.Namespace):
+    """The run's config and folder: a new run from a config file and overrides, or (--resume) the
+    saved config of RUN_DIR with the overrides that a resume may change."""
+    from rl.config import config_from_dict, resumable
+
+    config_path, overrides = _split_config_args(ns.config_and_overrides)
+    if ns.resume is None:
+        config = load_config(config_path, overrides)
+        return config, Path(ns.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(ns.resume)
+    if config_path is not None:
+        raise ConfigError(f"--resume continues with {run_dir}/config.json; give overrides only, not the config file {config_path}")
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there (not a k2rl run directory)")
+    saved = config_from_dict(json.loads(saved_path.read_text()))
+    config = config_from_dict(saved.to_dict(), overrides)
+    refused = [key for key in config.changed_keys(saved) if not resumable(key)]
+    if refused:
+        raise ConfigError(f"--resume cannot change {refused[0]}: it changes what the run learns (resumable keys: steps, "
+                          "the trainer's parallel layout, checkpoint, evaluation and cluster settings)")
+    from rl.run_checkpoint import RunCheckpoints
+
+    if not RunCheckpoints(run_dir, config.checkpoint.keep).completed():
+        raise ConfigError(f"--resume {run_dir}: it holds no checkpoint")
+    return config, run_dir
+
+
+def resolve_model_path(config) -> str:
+    from rl.bootstrap import ensure_default_policy
+
+    if not config.model.path:
+        return str(ensure_default_policy())
+    path = Path(config.model.path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
+    return str(path)
 
 
 def cmd_bootstrap(ns: argparse.Namespace) -> int:
@@ -119,7 +166,7 @@ def cmd_bench_sandbox(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench_weight_sync(ns: argparse.Namespace) -> int:
-    from rl.checkpoint_engine_bench import run_weight_sync_bench
+    from rl.weight_sync.bench import run_weight_sync_bench
 
     for flag, value in (("--params", ns.params), ("--engines", ns.engines), ("--bucket-mb", ns.bucket_mb), ("--repeats", ns.repeats)):
         if value <= 0:
@@ -139,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="an optional YAML config followed by dotted overrides, e.g. trainer.lr=1e-4",
     )
     train.add_argument("--run-dir", help="output folder (default runs/<name>-<timestamp>/)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint, with its saved config")
+    train.add_argument(
+        "--ray-address", metavar="HOST:PORT",
+        help="join this Ray cluster (default: $RAY_ADDRESS, else a local cluster of the run's own)",
+    )
     train.add_argument("--verbose", action="store_true", help="show Ray and vLLM worker logs")
     train.set_defaults(handler=cmd_train)
 
@@ -169,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sandbox.add_argument("--image", default="k2rl-sandbox:latest")
     bench_sandbox.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_sandbox.set_defaults(handler=cmd_bench_sandbox)
-    bench_sync = bench.add_parser("weight-sync", help="checkpoint-engine updates into vLLM engines vs memcpy")
+    bench_sync = bench.add_parser("weight-sync", help="weight-sync updates into vLLM engines vs memcpy")
     bench_sync.add_argument("--params", type=float, default=1e8, help="model size in parameters (default 1e8)")
     bench_sync.add_argument("--engines", type=int, default=2, help="rollout engines (default 2)")
-    bench_sync.add_argument("--bucket-mb", type=float, default=128.0, help="bucket size in MB (default 128, as checkpoint.bucket_mb)")
+    bench_sync.add_argument("--bucket-mb", type=float, default=128.0, help="bucket size in MB (default 128, as weight_sync.bucket_mb)")
     bench_sync.add_argument("--repeats", type=int, default=3, help="timed rounds (memcpy, then the updates); each figure is its best (default 3)")
     bench_sync.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_sync.set_defaults(handler=cmd_bench_weight_sync)

@@ -7,6 +7,7 @@ before any process starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,14 +26,23 @@ class ModelConfig:
     # A Hugging Face model directory; empty means the embedded default policy,
     # built by `k2rl bootstrap` on first use.
     path: str = ""
+    # The engines compute in this dtype; the trainer keeps float32 master weights and optimizer
+    # state and computes in it (FSDP2 mixed precision).
     dtype: str = "float32"
+    # How messages become tokens: "chat" (the tokenizer's chat template), "plain" (rollout/rendering.py's
+    # "User: ...\nAssistant:" format, for models without a template), or "auto" (chat when the tokenizer has one).
+    prompt_format: str = "auto"
 
 
 @dataclass
 class DataConfig:
-    # JSONL files of tasks; empty means the built-in arithmetic task generator.
+    # Task files: JSONL, Parquet, or a saved Hugging Face dataset directory; empty means the
+    # built-in arithmetic task generator.
     train_path: str = ""
     eval_path: str = ""
+    # Task field -> the file's column, for files whose columns have other names
+    # (for example {prompt: question, answer: solution}); see rl/data/sources.py.
+    columns: dict[str, str] = field(default_factory=dict)
     prompts_per_step: int = 16
     eval_size: int = 200
     eval_every: int = 10
@@ -57,6 +67,12 @@ class RolloutConfig:
     engine_start_timeout_s: float = 300.0
     # An engine that dies mid-run is restarted this many times before the run gives up.
     max_engine_restarts: int = 2
+    # Episodes in flight at once, over all engines (the rest wait their turn).
+    max_concurrent_episodes: int = 256
+    # An episode ends, truncated, after this many policy turns.
+    max_turns: int = 8
+    # An environment's reset or step that takes longer ends its episode (recorded as failed).
+    step_timeout_s: float = 30.0
     # "disaggregated": engines and trainer ranks on devices of their own. "colocated": engine i and
     # trainer rank i share device i, taking turns (on GPU the engines sleep, vLLM sleep mode, while
     # the trainer works, and the trainer offloads to host memory while they generate). On CPU both
@@ -65,12 +81,21 @@ class RolloutConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    # The checkpoint engine moves weights in buckets of this size (a larger tensor group gets a
-    # bucket of its own); two buckets' worth of shared memory are in use at a time.
+class WeightSyncConfig:
+    # New weights move from the trainer into the engines in buckets of this size (a larger tensor
+    # group gets a bucket of its own); two buckets' worth of shared memory are in use per node.
     bucket_mb: float = 128.0
     # How long an engine or the trainer waits for the other side at any step of an update.
     timeout_s: float = 120.0
+
+
+@dataclass
+class CheckpointConfig:
+    # A run checkpoint (trainer state, sampler, RNGs, metrics) every this many steps; 0: only on
+    # Ctrl-C / SIGTERM. `k2rl train --resume RUN_DIR` continues from the latest one.
+    every: int = 50
+    # How many of the latest checkpoints stay on disk.
+    keep: int = 2
 
 
 @dataclass
@@ -78,6 +103,9 @@ class RewardConfig:
     # A response cut at its token budget gets this instead of its reward.
     budget_penalty: float = 0.0
     num_workers: int = 0
+    # A reward that raises leaves its response out of training; past this share of all responses
+    # scored so far, the run stops.
+    max_error_frac: float = 0.05
 
 
 @dataclass
@@ -94,9 +122,19 @@ class TrainerConfig:
     optimizer_steps_per_batch: int = 1
     reset_optimizer_each_step: bool = False
     max_grad_norm: float = 1.0
+    # Logprobs are computed from the final hidden states this many tokens at a time (recomputed in
+    # the backward pass), so no [tokens, vocabulary] logits tensor of a whole micro-batch exists.
+    logprob_chunk_size: int = 1024
     # QK-Clip (MuonClip): after each update, shrink the query/key projections of any head
     # whose largest attention logit exceeded this; 0 turns it off.
     qk_clip_threshold: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    # The network interface that the trainer ranks' process group uses (GLOO_SOCKET_IFNAME /
+    # NCCL_SOCKET_IFNAME); empty: the interface of each node's Ray address.
+    network_interface: str = ""
 
 
 @dataclass
@@ -109,7 +147,9 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
         """Reject combinations that cannot work, naming the keys involved."""
@@ -124,10 +164,15 @@ class RunConfig:
             "rollout.tensor_parallel_size": self.rollout.tensor_parallel_size,
             "rollout.kv_cache_gib": self.rollout.kv_cache_gib,
             "rollout.max_model_len": self.rollout.max_model_len,
+            "rollout.max_concurrent_episodes": self.rollout.max_concurrent_episodes,
+            "rollout.max_turns": self.rollout.max_turns,
+            "rollout.step_timeout_s": self.rollout.step_timeout_s,
             "trainer.data_parallel_size": self.trainer.data_parallel_size,
             "trainer.tensor_parallel_size": self.trainer.tensor_parallel_size,
             "trainer.micro_batch_size": self.trainer.micro_batch_size,
             "trainer.optimizer_steps_per_batch": self.trainer.optimizer_steps_per_batch,
+            "trainer.logprob_chunk_size": self.trainer.logprob_chunk_size,
+            "checkpoint.keep": self.checkpoint.keep,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -135,9 +180,15 @@ class RunConfig:
         for task_type, budget in self.rollout.token_budgets.items():
             if budget <= 0:
                 raise ConfigError(f"rollout.token_budgets.{task_type} must be > 0, got {budget}")
-        for key, value in (("checkpoint.bucket_mb", self.checkpoint.bucket_mb), ("checkpoint.timeout_s", self.checkpoint.timeout_s)):
+        for key, value in (("weight_sync.bucket_mb", self.weight_sync.bucket_mb), ("weight_sync.timeout_s", self.weight_sync.timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value:g}")
+        if self.checkpoint.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0 (0: only when stopped), got {self.checkpoint.every}")
+        if not 0 <= self.reward.max_error_frac <= 1:
+            raise ConfigError(f"reward.max_error_frac must be in [0, 1], got {self.reward.max_error_frac}")
+        if self.model.prompt_format not in ("auto", "chat", "plain"):
+            raise ConfigError(f"model.prompt_format must be auto, chat or plain, got {self.model.prompt_format!r}")
         if self.rollout.max_engine_restarts < 0:
             raise ConfigError(f"rollout.max_engine_restarts must be >= 0, got {self.rollout.max_engine_restarts}")
         if self.rollout.placement not in ("disaggregated", "colocated"):
@@ -176,8 +227,55 @@ class RunConfig:
         if self.data.train_path and not self.data.eval_path:
             raise ConfigError("data.eval_path is required when data.train_path is set")
 
+    def changed_keys(self, other: RunConfig) -> list[str]:
+        """Dotted keys whose values differ between the two configs."""
+        mine, theirs = _flatten(self), _flatten(other)
+        return sorted(key for key, value in mine.items() if theirs[key] != value)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys of earlier releases, and where they went: an old config gets one line saying so.
+MOVED_KEYS = {
+    "checkpoint.bucket_mb": "weight_sync.bucket_mb",
+    "checkpoint.timeout_s": "weight_sync.timeout_s",
+}
+
+# What `k2rl train --resume RUN_DIR key=value ...` may change: how the run is laid out, how long it
+# goes on, and how often it evaluates and checkpoints; never what it learns from or how.
+RESUMABLE_KEYS = (
+    "steps",
+    "trainer.data_parallel_size",
+    "trainer.tensor_parallel_size",
+    "trainer.micro_batch_size",
+    "trainer.logprob_chunk_size",
+    "rollout.num_engines",
+    "rollout.kv_cache_gib",
+    "rollout.engine_start_timeout_s",
+    "rollout.max_engine_restarts",
+    "rollout.placement",
+    "data.eval_every",
+    "checkpoint.",
+    "weight_sync.",
+    "cluster.",
+    "reward.num_workers",
+    "reward.max_error_frac",
+)
+
+
+def resumable(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_KEYS)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A validated config from a plain mapping (a saved `config.json`) plus overrides."""
+    raw = json.loads(json.dumps(raw))
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(RunConfig, raw, prefix="")
+    config.validate()
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -193,11 +291,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys")
-    for override in overrides:
-        _apply_override(raw, override)
-    config = _build(RunConfig, raw, prefix="")
-    config.validate()
-    return config
+    return config_from_dict(raw, overrides)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every leaf of a config dataclass (mappings such as
+    `rollout.token_budgets` are leaves)."""
+    flat = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(_flatten(value, f"{prefix}{item.name}."))
+        else:
+            flat[f"{prefix}{item.name}"] = value
+    return flat
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -221,6 +328,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    for name in unknown:
+        if f"{prefix}{name}" in MOVED_KEYS:
+            raise ConfigError(f"{prefix}{name} moved to {MOVED_KEYS[prefix + name]}")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
     values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in raw}

@@ -8,8 +8,9 @@ from rewards import RewardScorer
 from rl.records import RewardResult, Task
 
 
-def accuracy(results: list[RewardResult]) -> float:
-    return sum(result.score >= 1.0 for result in results) / len(results)
+def accuracy(results: list[RewardResult | None]) -> float:
+    """The share of full rewards; an episode with no reward (it failed) counts as wrong."""
+    return sum(result is not None and not result.failed and result.score >= 1.0 for result in results) / len(results)
 
 
 @torch.no_grad()

@@ -14,11 +14,17 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path):
+    """Appends one row per step to metrics.jsonl and TensorBoard. `resumed_at` (a resumed run's
+    checkpoint step) keeps the rows up to it and drops TensorBoard's events after it."""
+
+    def __init__(self, run_dir: Path, resumed_at: int | None = None):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        purge = None if resumed_at is None else resumed_at + 1
+        self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         self.rows: list[dict[str, Any]] = []
+        if resumed_at is not None and self.path.is_file():
+            self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

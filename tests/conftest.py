@@ -24,8 +24,8 @@ def tiny_policy(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    from rl.controller import init_local_ray
+    from rl.cluster.ray_session import connect
 
-    init_local_ray()
+    connect()
     yield ray
     ray.shutdown()

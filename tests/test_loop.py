@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rl.config import load_config
-from rl.controller import Controller
-from rl.records import Task
+from rl.loop import Controller
+from rollout.rendering import Renderer
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +27,14 @@ def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster,
         ],
     )
     controller = Controller(config, tmp_path / "run")
-    probe = Task("probe", ({"role": "user", "content": "Tom has 3 coins and finds 4 more. How many?"},), "arithmetic", "math", {"answer": "7"})
+    probe = Renderer.from_pretrained(str(tiny_policy)).prompt([{"role": "user", "content": "Tom has 3 coins and finds 4 more."}])
     checks = []
 
-    def compare_logprobs(step, cluster):
-        sequence = ray_cluster.get(cluster.engines[0].render.remote(probe)) + [20, 21, 22, 23]
-        engine = torch.tensor(ray_cluster.get(cluster.engines[0].sequence_logprobs.remote(sequence)))
-        trainer = torch.tensor(cluster.trainer_logprobs(sequence))
-        checks.append((step, cluster.weight_version, (engine - trainer).abs().max().item()))
+    def compare_logprobs(step, workers):
+        sequence = probe + [20, 21, 22, 23]
+        engine = torch.tensor(workers.engines.sequence_logprobs(0, sequence))
+        trainer = torch.tensor(workers.trainers.logprobs(sequence))
+        checks.append((step, workers.weight_sync.version, (engine - trainer).abs().max().item()))
 
     summary = controller.run(str(tiny_policy), on_step=compare_logprobs)
 
@@ -61,7 +61,7 @@ def _check_final_checkpoint(final_dir, ray_cluster):
     """The final directory loads in transformers and in a fresh vLLM engine, with the same logprobs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rl.loss import token_logprobs
+    from rl.trainer.logprobs import token_logprobs
     from rollout.engine import EngineSpec, RolloutEngine
 
     model = AutoModelForCausalLM.from_pretrained(final_dir)
@@ -74,7 +74,9 @@ def _check_final_checkpoint(final_dir, ray_cluster):
         EngineSpec(str(final_dir), "float32", 256, 1, 0, enforce_eager=True)
     )
     try:
+        ray_cluster.get(engine.ready.remote())
         got = torch.tensor(ray_cluster.get(engine.sequence_logprobs.remote(ids)))
     finally:
+        ray_cluster.get(engine.shutdown.remote())
         ray_cluster.kill(engine)
     assert (got - expected).abs().max().item() < 1e-3

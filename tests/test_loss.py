@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from rl.loss import group_advantages, k2_policy_loss, token_logprobs
+from rl.trainer.logprobs import token_logprobs
+from rl.trainer.loss import group_advantages, k2_policy_loss
 
 
 def test_group_advantages_subtract_each_prompts_mean():
@@ -34,7 +35,9 @@ def test_k2_loss_gradient_is_policy_gradient_at_pi_old():
 def test_token_logprobs_match_manual_softmax_with_temperature():
     logits = torch.tensor([[[1.0, 2.0, 0.0], [0.5, 0.5, 3.0], [0.0, 0.0, 0.0]]])
     ids = torch.tensor([[0, 1, 2]])
-    got = token_logprobs(logits, ids, temperature=2.0)
+    got = token_logprobs(logits, ids, 2.0)
+    per_position = token_logprobs(logits, ids, torch.tensor([[2.0, 2.0]]))
+    assert torch.equal(got, per_position)
     first = 2.0 / 2 - math.log(math.exp(0.5) + math.exp(1.0) + math.exp(0.0))
     second = 3.0 / 2 - math.log(2 * math.exp(0.25) + math.exp(1.5))
     assert torch.allclose(got, torch.tensor([[first, second]]))

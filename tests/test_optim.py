@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rl.optim import Muon
+from rl.trainer.optim import Muon
 
 
 @pytest.mark.parametrize("shape", [(48, 32), (32, 80)], ids=["tall", "wide"])

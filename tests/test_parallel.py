@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from trainer_helpers import ADVANTAGES, free_port, full_parameters_and_grads, run_two_ranks, trajectories
+from trainer_helpers import free_port, full_parameters_and_grads, run_two_ranks, samples, start_worker
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rl.config import TrainerConfig
-from rl.optim import MuonWithAdamW
-from rl.parallel import check_layout
-from rl.trainer import TrainerWorker
+from rl.trainer.optim import MuonWithAdamW
+from rl.trainer.parallel import check_layout
+from rl.trainer.worker import TrainerWorker
 
 # Below most heads' largest logit in the tiny policy: the step also exercises QK-Clip
 # on heads that are split over the tensor-parallel ranks.
@@ -31,14 +31,14 @@ def _train_one_step(rank: int, world_size: int, port: int, policy: Path, data_pa
     """One optimizer step on this rank's data-parallel shard of the batch; saves full weights, gradients, metrics."""
     tensor_parallel_size = world_size // data_parallel_size
     config = _config(data_parallel_size, tensor_parallel_size)
-    worker = TrainerWorker(rank, world_size, port, str(policy), "float32", config, seed=0)
+    worker = start_worker(rank, world_size, port, str(policy), config)
     try:
-        batch = trajectories(8, worker.model.config.vocab_size)
+        batch = samples(8, worker.model.config.vocab_size)
         shard = len(batch) // data_parallel_size
         lo = rank // tensor_parallel_size * shard
-        metrics = worker.train(batch[lo : lo + shard], ADVANTAGES[lo : lo + shard], temperature=1.0)
-        logprobs = worker.sequence_logprobs(batch[0].prompt_ids + batch[0].response_ids)
-        worker.save(str(out / "saved"))
+        metrics = worker.train(batch[lo : lo + shard])
+        logprobs = worker.sequence_logprobs(batch[0].token_ids)
+        worker.save_model(str(out / "saved"))
         result = {"state": full_parameters_and_grads(worker.model), "metrics": metrics, "logprobs": logprobs}
         torch.save(result, out / f"rank{rank}.pt")
     finally:
@@ -99,7 +99,7 @@ def test_layout_must_match_the_ranks(tiny_policy):
     config = TrainerConfig(data_parallel_size=1, tensor_parallel_size=2)
     message = r"data_parallel_size x trainer\.tensor_parallel_size = 1 x 2 = 2 does not match the 1 trainer ranks"
     with pytest.raises(ValueError, match=message):
-        TrainerWorker(0, 1, free_port(), str(tiny_policy), "float32", config, seed=0)
+        TrainerWorker(0, 1, str(tiny_policy), "float32", config, seed=0)
     assert not dist.is_initialized()
 
 

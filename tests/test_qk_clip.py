@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import ADVANTAGES, free_port, full_parameters_and_grads, trajectories
+from trainer_helpers import free_port, full_parameters_and_grads, samples, start_worker
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from rl.config import TrainerConfig
-from rl.trainer import TrainerWorker
+from rl.trainer.worker import TrainerWorker
 
 BOOST = 30.0
 THRESHOLD = 2.0
@@ -40,8 +40,8 @@ def _first_layer_max_logits(model, batch) -> torch.Tensor:
     """Per head, by hand: the largest causal q.k logit of layer 0 over the unpadded sequences."""
     attention, maxima = model.model.layers[0].self_attn, None
     with torch.no_grad():
-        for trajectory in batch:
-            ids = torch.tensor([trajectory.prompt_ids + trajectory.response_ids])
+        for sample in batch:
+            ids = torch.tensor([sample.token_ids])
             length = ids.shape[1]
             hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
             cos, sin = model.model.rotary_emb(hidden, torch.arange(length)[None])
@@ -57,24 +57,25 @@ def _first_layer_max_logits(model, batch) -> torch.Tensor:
 
 def _worker(policy: Path, threshold: float) -> TrainerWorker:
     config = TrainerConfig(data_parallel_size=1, lr=0.0, micro_batch_size=8, qk_clip_threshold=threshold)
-    return TrainerWorker(0, 1, free_port(), str(policy), "float32", config, seed=0)
+    return start_worker(0, 1, free_port(), str(policy), config)
 
 
 def _recorded_max_logits(worker: TrainerWorker, batch) -> torch.Tensor:
     worker.qk_clip.reset()
+    input_ids, attention, _, _, temperatures = worker._batch_tensors(batch)
     with torch.no_grad():
-        worker._token_logprobs(batch, temperature=1.0)
+        worker._token_logprobs(input_ids, attention, temperatures)
     return worker.qk_clip.max_logits()
 
 
 def test_qk_clip_rescales_only_the_head_above_the_threshold(boosted_policy):
-    batch = trajectories(8, AutoModelForCausalLM.from_pretrained(boosted_policy).config.vocab_size)
+    batch = samples(8, AutoModelForCausalLM.from_pretrained(boosted_policy).config.vocab_size)
     expected = _first_layer_max_logits(AutoModelForCausalLM.from_pretrained(boosted_policy), batch)
     assert expected[0] > THRESHOLD > expected[1]
     worker = _worker(boosted_policy, THRESHOLD)
     try:
         before = full_parameters_and_grads(worker.model)
-        metrics = worker.train(batch, ADVANTAGES, temperature=1.0)
+        metrics = worker.train(batch)
         # The padded training batch records what the unpadded sequences give by hand.
         assert metrics["max_attention_logit"] == pytest.approx(expected[0].item(), rel=1e-5)
         after = {name: value for name, value in full_parameters_and_grads(worker.model).items() if ".grad" not in name}
@@ -106,14 +107,14 @@ def test_grouped_query_heads_each_get_their_own_scale(tmp_path):
     # share the other key head and are both clipped, by different factors.
     _boost_query_heads(model, {0: 20.0, 2: 10.0, 3: 40.0})
     model.save_pretrained(tmp_path)
-    batch = trajectories(8, config.vocab_size)
+    batch = samples(8, config.vocab_size)
     worker = _worker(tmp_path, threshold=1e9)
     try:
         before = _recorded_max_logits(worker, batch)[0]
         # Set once the maxima are known: below every boosted head.
         worker.qk_clip.threshold = threshold = before[[0, 2, 3]].min().item() / 2
         assert before[1] < threshold, "head 1 must stay below the threshold for this test to mean anything"
-        worker.train(batch, ADVANTAGES, temperature=1.0)
+        worker.train(batch)
         after = _recorded_max_logits(worker, batch)[0]
         torch.testing.assert_close(after, torch.clamp(before, max=threshold), rtol=1e-5, atol=0)
     finally:

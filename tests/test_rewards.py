@@ -144,13 +144,34 @@ def test_entry_point_import_failure_names_entry_point(plugin: None) -> None:
         (r"\frac{1}{2}", "The answer is 0.5", RewardResult(1.0, "correct")),
         ("12", r"I think it is \boxed{13}", RewardResult(0.0, "wrong_answer")),
         ("12", "I do not know.", RewardResult(0.0, "no_answer")),
-        # Leaving the arithmetic to the checker is not an answer.
-        ("36", "54 - 18 = }.", RewardResult(0.0, "unevaluated_answer")),
-        ("36", r"\boxed{54-18}", RewardResult(0.0, "unevaluated_answer")),
+        # Whatever math-verify judges equal earns the full reward.
+        ("5", r"Solving, we get $x = 5$.", RewardResult(1.0, "correct")),
+        (r"\frac{1}{2}", "so the answer is 1/2", RewardResult(1.0, "correct")),
+        ("36", r"\boxed{54-18}", RewardResult(1.0, "correct")),
+        (r"2\sqrt{2}", r"\boxed{\sqrt{8}}", RewardResult(1.0, "correct")),
     ],
 )
 def test_math_reward(answer: object, response: str, expected: RewardResult) -> None:
     assert get_reward("math")(make_task(answer=answer), response) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("54 - 18 = }.", RewardResult(0.0, "unevaluated_answer")),
+        (r"\boxed{54-18}", RewardResult(0.0, "unevaluated_answer")),
+        (r"\boxed{36}", RewardResult(1.0, "correct")),
+    ],
+)
+def test_math_reward_require_number_refuses_unevaluated_answers(response: str, expected: RewardResult) -> None:
+    """The arithmetic generator's tasks switch the guard on: leaving the arithmetic to the checker is no answer."""
+    assert get_reward("math")(make_task(answer="36", require_number=True), response) == expected
+
+
+def test_arithmetic_tasks_switch_the_number_guard_on() -> None:
+    from rl.data import arithmetic_eval_tasks
+
+    assert all(task.reward_spec["require_number"] is True for task in arithmetic_eval_tasks(5))
 
 
 def test_math_reward_missing_answer_names_task_and_key() -> None:
@@ -193,14 +214,22 @@ def expected_scores() -> list[RewardResult]:
     ]
 
 
+def _without_tracebacks(results: list[RewardResult]) -> list[RewardResult]:
+    """A reward that raised is marked failed and carries its traceback; compare the rest."""
+    for result in results:
+        assert result.failed == result.reason.startswith("reward_error")
+        assert not result.failed or "RuntimeError: boom" in result.error
+    return [RewardResult(r.score, r.reason, r.components) for r in results]
+
+
 def test_scorer_in_process(plugin: None) -> None:
     with RewardScorer(num_workers=0) as scorer:
-        assert scorer.score(scorer_items(), budget_penalty=-1.0) == expected_scores()
+        assert _without_tracebacks(scorer.score(scorer_items(), budget_penalty=-1.0)) == expected_scores()
 
 
 def test_scorer_worker_processes(plugin: None) -> None:
     with RewardScorer(num_workers=2) as scorer:
-        assert scorer.score(scorer_items(), budget_penalty=-1.0) == expected_scores()
+        assert _without_tracebacks(scorer.score(scorer_items(), budget_penalty=-1.0)) == expected_scores()
         # The pool is reused across calls.
         assert scorer.score(scorer_items()[:2], budget_penalty=-1.0) == expected_scores()[:2]
 

@@ -1,19 +1,19 @@
 """The trainer in-process, as a one-rank gloo group: gradient accumulation and the update itself."""
 
 import torch
-from trainer_helpers import ADVANTAGES, free_port, full_parameters_and_grads, trajectories
+from trainer_helpers import free_port, full_parameters_and_grads, samples, start_worker
 
 from rl.config import TrainerConfig
-from rl.trainer import TrainerWorker
+from rl.trainer.worker import TrainerWorker
 
 
 def _train_once(policy, micro_batch_size: int, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     config = TrainerConfig(data_parallel_size=1, micro_batch_size=micro_batch_size, optimizer_steps_per_batch=steps)
-    worker = TrainerWorker(0, 1, free_port(), str(policy), "float32", config, seed=0)
+    worker = start_worker(0, 1, free_port(), str(policy), config)
     try:
-        batch = trajectories(8, worker.model.config.vocab_size)
-        metrics = worker.train(batch, ADVANTAGES, temperature=1.0)
-        assert metrics["loss"] > 0 and metrics["response_tokens"] == sum(len(t.response_ids) for t in batch)
+        batch = samples(8, worker.model.config.vocab_size)
+        metrics = worker.train(batch)
+        assert metrics["loss"] > 0 and metrics["response_tokens"] == sum(len(s.loss_mask) for s in batch)
         # After the step, .grad still holds the step's (clipped) accumulated gradient.
         return full_parameters_and_grads(worker.model), metrics
     finally:
@@ -48,17 +48,17 @@ def test_offloading_between_steps_changes_nothing(tiny_policy):
 
     def two_steps(offload: bool) -> dict[str, torch.Tensor]:
         config = TrainerConfig(data_parallel_size=1, micro_batch_size=4)
-        worker = TrainerWorker(0, 1, free_port(), str(tiny_policy), "float32", config, seed=0)
+        worker = start_worker(0, 1, free_port(), str(tiny_policy), config)
         try:
-            batch = trajectories(8, worker.model.config.vocab_size)
+            batch = samples(8, worker.model.config.vocab_size)
             for _ in range(2):
-                worker.train(batch, ADVANTAGES, temperature=1.0)
+                worker.train(batch)
                 if offload:
                     worker.offload(parameters=False)  # before an update
                     assert worker.offloaded == {"optimizer"}
                     worker.offload()  # after it
                     assert worker.offloaded == {"optimizer", "parameters"}
-            worker.sequence_logprobs(batch[0].prompt_ids)  # takes back the parameters alone
+            worker.sequence_logprobs(batch[0].token_ids[: batch[0].prompt_len])  # takes back the parameters alone
             assert worker.offloaded == ({"optimizer"} if offload else set())
             return full_parameters_and_grads(worker.model)
         finally:

@@ -1,4 +1,5 @@
-"""What the trainer tests share: small batches, free ports, full-tensor snapshots, and 2-rank gloo runs."""
+"""What the trainer tests share: small batches, workers started in-process, full-tensor snapshots,
+and 2-rank gloo runs."""
 
 from __future__ import annotations
 
@@ -10,22 +11,31 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from rl.parallel import whole
-from rl.records import Task, Trajectory
+from rl.config import TrainerConfig
+from rl.records import TrainSample
+from rl.trainer.parallel import whole
+from rl.trainer.worker import TrainerWorker
 
-TASK = Task("t", ({"role": "user", "content": "x"},), "arithmetic", "math", {"answer": "1"})
 ADVANTAGES = [0.5, -0.5, 1.0, -1.0, 0.25, -0.25, 0.0, 0.0]
 
 
-def trajectories(count: int, vocab: int) -> list[Trajectory]:
+def samples(count: int, vocab: int, advantages: list[float] = ADVANTAGES) -> list[TrainSample]:
     """Random prompts and responses of different lengths, so batches are padded."""
     rng = random.Random(0)
     out = []
-    for _ in range(count):
+    for index in range(count):
         prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))]
         response = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 7))]
-        out.append(Trajectory(TASK, prompt, response, [-1.0] * len(response), [1] * len(response), 0, "stop", ""))
+        n = len(response)
+        out.append(TrainSample(prompt + response, len(prompt), [1] * n, [-1.0] * n, [1.0] * n, [0] * n, advantages[index % len(advantages)]))
     return out
+
+
+def start_worker(rank: int, world_size: int, port: int, policy, config: TrainerConfig, dtype: str = "float32") -> TrainerWorker:
+    """A trainer rank in this process, in a process group on loopback."""
+    worker = TrainerWorker(rank, world_size, str(policy), dtype, config, seed=0)
+    worker.join("127.0.0.1", port, "lo")
+    return worker
 
 
 def free_port() -> int:

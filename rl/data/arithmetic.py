@@ -1,18 +1,10 @@
-"""Where tasks come from: the built-in arithmetic generator or a JSONL file, and the prompt sampler.
-
-A JSONL task line looks like
-    {"prompt": "What is 2 + 3?", "answer": "5"}
-or, in full,
-    {"id": "t1", "messages": [{"role": "user", "content": "..."}], "task_type": "math",
-     "reward": "math", "reward_spec": {"answer": "5"}}
-"""
+"""The built-in task generator: integer word problems (addition, subtraction, multiplication)
+that the embedded default policy is bootstrapped and trained on."""
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 from rl.records import Task
@@ -78,7 +70,8 @@ def arithmetic_task(problem: ArithmeticProblem, task_id: str) -> Task:
         messages=({"role": "user", "content": problem.question},),
         task_type=ARITHMETIC_TASK_TYPE,
         reward="math",
-        reward_spec={"answer": str(problem.answer)},
+        # The answer must be a number: "54 - 18" would otherwise leave the arithmetic to the checker.
+        reward_spec={"answer": str(problem.answer), "require_number": True},
     )
 
 
@@ -98,71 +91,3 @@ def arithmetic_train_problems(seed: int, exclude: set[str]) -> Iterator[Arithmet
         problem = arithmetic_problem(rng)
         if problem.question not in exclude:
             yield problem
-
-
-def load_jsonl_tasks(path: str | Path) -> list[Task]:
-    """Read tasks from JSONL; a malformed line raises one error naming the file and line."""
-    path = Path(path)
-    tasks = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            tasks.append(_task_from_record(json.loads(line), default_id=f"{path.stem}-{number}"))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}:{number}: bad task line ({type(error).__name__}: {error})") from None
-    if not tasks:
-        raise ValueError(f"{path}: no tasks in file")
-    return tasks
-
-
-def _task_from_record(record: dict, default_id: str) -> Task:
-    if "messages" in record:
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in record["messages"])
-    else:
-        messages = ({"role": "user", "content": record["prompt"]},)
-    reward_spec = dict(record.get("reward_spec", {}))
-    if "answer" in record:
-        reward_spec["answer"] = str(record["answer"])
-    return Task(
-        task_id=str(record.get("id", default_id)),
-        messages=messages,
-        task_type=str(record.get("task_type", "math")),
-        reward=str(record.get("reward", "math")),
-        reward_spec=reward_spec,
-    )
-
-
-class PromptSampler:
-    """Hands out `prompts_per_step` tasks per iteration, cycling through a shuffled pool.
-
-    With no training file it draws fresh arithmetic problems forever.
-    """
-
-    def __init__(self, train_path: str, seed: int, eval_tasks: list[Task]):
-        self._rng = random.Random(seed)
-        self._pool = load_jsonl_tasks(train_path) if train_path else None
-        self._order: list[Task] = []
-        exclude = {task.messages[-1]["content"] for task in eval_tasks}
-        self._generated = arithmetic_train_problems(seed, exclude)
-        self._drawn = 0
-
-    def reward_names(self) -> set[str]:
-        return {task.reward for task in self._pool} if self._pool is not None else {"math"}
-
-    def sample(self, count: int) -> list[Task]:
-        tasks = []
-        for _ in range(count):
-            if self._pool is None:
-                tasks.append(arithmetic_task(next(self._generated), f"train-{self._drawn}"))
-            else:
-                if not self._order:
-                    self._order = self._pool[:]
-                    self._rng.shuffle(self._order)
-                tasks.append(self._order.pop())
-            self._drawn += 1
-        return tasks
-
-
-def load_eval_tasks(eval_path: str, size: int) -> list[Task]:
-    return load_jsonl_tasks(eval_path)[:size] if eval_path else arithmetic_eval_tasks(size)

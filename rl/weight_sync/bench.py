@@ -1,8 +1,8 @@
-"""`k2rl bench weight-sync`: full weight updates through the checkpoint engine, against a plain
-memory copy of the same bytes in the same run.
+"""`k2rl bench weight-sync`: full weight updates through weight sync, against a plain memory copy
+of the same bytes in the same run.
 
 A random Qwen2-architecture model of about `--params` parameters is made in this process, which
-plays the checkpoint-engine worker of a one-rank trainer (its gather is then the identity, so the
+plays the weight-sync writer of a one-rank trainer (its gather is then the identity, so the
 figures are those of the broadcast and the engines' in-place loads). The rollout engines are real
 vLLM engines in Ray actors, started with `load_format="dummy"` so that no checkpoint is written or
 read. Each figure is the best of `--repeats` rounds; a round times the memcpy, then an update into
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rl.checkpoint_engine import CheckpointWriter, WeightUpdate, layout_of, plan_buckets
+from rl.weight_sync.transport import BucketWriter, WeightUpdate, layout_of, plan_buckets
 
 VOCAB = 8192
 LAYERS = 8
@@ -113,7 +113,7 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
     import ray
 
     from rl.bootstrap import BootstrapSpec, train_tokenizer
-    from rl.controller import init_local_ray
+    from rl.cluster.ray_session import connect
     from rollout.engine import EngineSpec, RolloutEngine
 
     config = random_model_config(params)
@@ -124,7 +124,7 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        init_local_ray()
+        connect()
     actors, writer = [], None
     try:
         with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as model_dir:
@@ -135,8 +135,9 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
             actors = [engine_actor.remote(spec) for _ in range(engines)]
             ray.get([actor.ready.remote() for actor in actors])
             packed = ray.get(actors[0].packed_modules.remote())
+            node = ray.get(actors[0].node_id.remote())
         plan = plan_buckets(layout_of(state), packed, int(bucket_mb * 2**20), engines, f"k2rl-bench-{uuid.uuid4().hex[:8]}")
-        writer = CheckpointWriter(plan, local_readers=tuple(range(engines)))
+        writer = BucketWriter(plan, node, local_readers=tuple(range(engines)))
         update_ids = iter(range(1, 1 << 20))
 
         def update(readers: tuple[int, ...]) -> float:
@@ -157,6 +158,7 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
             every = min(every, update(tuple(range(engines))) if engines > 1 else one)
     finally:
         for actor in actors:
+            ray.get(actor.shutdown.remote())
             ray.kill(actor)
         if writer is not None:
             writer.close()

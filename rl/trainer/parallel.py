@@ -11,9 +11,10 @@ the same mesh, FSDP2 alone.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import PretrainedConfig
@@ -64,19 +65,29 @@ def build_mesh(config: TrainerConfig, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, shape, mesh_dim_names=("dp", "tp"))
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh) -> None:
-    """In place: tensor-parallel over mesh["tp"] (when > 1), then FSDP2 over mesh["dp"]."""
+def shard_model(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32) -> None:
+    """In place: tensor-parallel over mesh["tp"] (when > 1), then FSDP2 over mesh["dp"].
+
+    The parameters stay as they are (float32 master weights); a lower `compute_dtype` is what the
+    forward and backward run in, with gradients reduced in float32 (FSDP2 mixed precision).
+    """
+    tied = getattr(model.config, "tie_word_embeddings", False)
     tp_mesh = mesh["tp"]
     if tp_mesh.size() > 1:
         # Every rank loaded the same weights, so each takes its own shard without communication.
         parallelize_module(model, tp_mesh, _MEGATRON_PLAN, src_data_rank=None)
+        if tied:
+            # The plan distributes the embedding and the head one after the other, which unties them.
+            # Both shard the same [vocab, hidden] matrix by rows, so one DTensor serves both.
+            model.lm_head.weight = model.model.embed_tokens.weight
         _replicate_remaining_parameters(model, tp_mesh)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(layer, mesh=mesh["dp"], mp_policy=policy)
     # By default the root module keeps its parameters gathered after a forward until the
     # backward; after a no-grad forward (pi_old, sequence_logprobs) the optimizer, QK-Clip
     # and the state dict would then not see the sharded parameters.
-    fully_shard(model, mesh=mesh["dp"], reshard_after_forward=True)
+    fully_shard(model, mesh=mesh["dp"], reshard_after_forward=True, mp_policy=policy)
 
 
 def _replicate_remaining_parameters(model: nn.Module, tp_mesh: DeviceMesh) -> None:

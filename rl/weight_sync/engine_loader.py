@@ -1,4 +1,4 @@
-"""vLLM worker extension: the engine's end of the checkpoint engine (`rl/checkpoint_engine.py`).
+"""vLLM worker extension: the engine's end of weight sync (`rl/weight_sync/transport.py`).
 
 Updates are copies into the engine's own parameters through the model's weight loaders
 (`model.load_weights`), which fuse q/k/v and gate/up and take just this worker's
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from rl.checkpoint_engine import BucketPlan, MappedPlan
+from rl.weight_sync.transport import BucketPlan, BucketViews
 
 
-class CheckpointEngineLoader:
+class WeightSyncLoader:
     """Mixed into each vLLM worker through `worker_extension_cls`; called with `collective_rpc`.
 
     Method names carry a `k2rl_` prefix so they never shadow vLLM's own weight-transfer API.
@@ -49,11 +49,11 @@ class CheckpointEngineLoader:
             self.model_runner.reload_weights()
         return changed
 
-    def k2rl_attach_plan(self, plan: dict) -> None:
+    def k2rl_attach_plan(self, plan: dict, node_id: str) -> None:
         previous = getattr(self, "_k2rl_mapped", None)
         if previous is not None:
             previous.close()
-        self._k2rl_mapped = MappedPlan(BucketPlan.from_dict(plan))
+        self._k2rl_mapped = BucketViews(BucketPlan.from_dict(plan), node_id)
 
     def k2rl_load_bucket(self, index: int) -> None:
         tensors = self._k2rl_mapped.bucket(index)

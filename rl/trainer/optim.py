@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rl.config import TrainerConfig
-from rl.parallel import whole
+from rl.trainer.parallel import whole
 
 # Embeddings and the output head are matrices too, but Muon is meant for the
 # hidden linear maps; these stay with AdamW.
@@ -58,7 +58,7 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon updates matrices only, got a parameter of shape {tuple(param.shape)}")
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure=None) -> None:
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for param in group["params"]:

@@ -1,5 +1,6 @@
-"""The checkpoint engine's planning and hand-over, with the writer and readers in threads."""
+"""Weight sync's planning and hand-over, with the writer and readers in threads."""
 
+import asyncio
 import dataclasses
 import threading
 import uuid
@@ -8,16 +9,17 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from rl.checkpoint_engine import (
-    CheckpointReader,
-    CheckpointWriter,
-    MappedPlan,
+from rl.weight_sync.transport import (
+    BucketReader,
+    BucketViews,
+    BucketWriter,
     WeightSyncError,
     WeightUpdate,
     layout_of,
-    mark_reader_failed,
     plan_buckets,
 )
+
+NODE = "test-node"
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -79,7 +81,7 @@ def _writer(local_readers=(0, 1)):
     """The test state, a plan of 1 KB buckets (smaller than the largest tensor) and its writer."""
     state = _state()
     plan = _plan(state, bucket_bytes=1024)
-    writer = CheckpointWriter(plan, local_readers=local_readers)
+    writer = BucketWriter(plan, NODE, local_readers=local_readers)
     try:
         yield state, plan, writer
     finally:
@@ -95,13 +97,17 @@ def _transfer(plan, update, readers, seen):
     errors = []
 
     def reader_thread(index):
-        mapped, reader = MappedPlan(plan), CheckpointReader(plan, index)
+        views, reader = BucketViews(plan, NODE), BucketReader(plan, NODE, index)
+
+        async def load(bucket):
+            seen[index].update({n: t.clone() for n, t in views.bucket(bucket)})
+
         try:
-            reader.read(update, lambda b: seen[index].update({n: t.clone() for n, t in mapped.bucket(b)}))
+            asyncio.run(reader.read(update, load))
         except Exception as error:  # noqa: BLE001 - reported to the test below
             errors.append(error)
         finally:
-            mapped.close()
+            views.close()
             reader.close()
 
     threads = [threading.Thread(target=reader_thread, args=(index,)) for index in readers]
@@ -151,7 +157,7 @@ def test_a_reader_that_stops_loading_is_named_in_the_writers_error():
         # Engine 0 would wait far longer than the writer: what ends its wait is the abort.
         patient = dataclasses.replace(update, timeout_s=30)
         threads, errors = _transfer(plan, patient, (0,), {0: {}})  # engine 1 never reads
-        with pytest.raises(WeightSyncError, match="version 7: rollout engine 1 did not load bucket 0 within checkpoint.timeout_s"):
+        with pytest.raises(WeightSyncError, match="version 7: rollout engine 1 did not load bucket 0 within weight_sync.timeout_s"):
             writer.write(update, _in_plan_order(plan, state))
         threads[0].join()
         # The writer's failure aborts the update for the readers that were waiting: no hang.
@@ -163,7 +169,7 @@ def test_a_reader_without_a_writer_times_out_naming_the_bucket():
         update = WeightUpdate(plan, 1, 3, (0,), timeout_s=0.3)
         threads, errors = _transfer(plan, update, (0,), {0: {}})
         threads[0].join()
-        assert "version 3: bucket 0 was not written within checkpoint.timeout_s=0.3s" in str(errors[0])
+        assert "version 3: bucket 0 was not written within weight_sync.timeout_s=0.3s" in str(errors[0])
 
 
 def test_the_writer_goes_on_without_an_engine_that_died():
@@ -171,7 +177,7 @@ def test_the_writer_goes_on_without_an_engine_that_died():
         update = WeightUpdate(plan, 1, 4, (0, 1), timeout_s=30)
         seen = {0: {}}
         threads, errors = _transfer(plan, update, (0,), seen)
-        mark_reader_failed(plan, 1, update.update_id)  # what the controller does for a dead engine
+        writer.mark_reader_failed(1, update.update_id)  # what the node's writer does for a dead engine
         writer.write(update, _in_plan_order(plan, state))
         threads[0].join()
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
@@ -187,18 +193,28 @@ def test_a_nodes_writer_waits_only_for_the_engines_of_its_node():
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
 
 
-def test_each_node_with_engines_gets_its_first_trainer_rank_as_worker():
+def test_each_node_with_engines_gets_its_first_trainer_rank_as_writer():
     from rl.config import ConfigError
-    from rl.controller import checkpoint_workers
+    from rl.weight_sync.sync import writer_ranks
 
-    assert checkpoint_workers(["a", "a"], ["a", "a"]) == {0: (0, 1)}
-    assert checkpoint_workers(["a", "a", "b", "b"], ["b", "a", "b"]) == {2: (0, 2), 0: (1,)}
+    assert writer_ranks(["a", "a"], ["a", "a"]) == {0: (0, 1)}
+    assert writer_ranks(["a", "a", "b", "b"], ["b", "a", "b"]) == {2: (0, 2), 0: (1,)}
     with pytest.raises(ConfigError, match="rollout engine 1 runs on node c, where no trainer rank runs"):
-        checkpoint_workers(["a", "b"], ["a", "c"])
+        writer_ranks(["a", "b"], ["a", "c"])
+
+
+def test_each_node_has_a_block_of_its_own():
+    plan = _plan(_state(), bucket_bytes=1024)
+    first, second = BucketWriter(plan, "node-a", (0,)), BucketWriter(plan, "node-b", (1,))
+    try:
+        assert plan.block_on("node-a") != plan.block_on("node-b")
+    finally:
+        first.close()
+        second.close()
 
 
 def test_weight_sync_bench_times_updates_into_real_engines_against_memcpy(ray_cluster):
-    from rl.checkpoint_engine_bench import run_weight_sync_bench
+    from rl.weight_sync.bench import run_weight_sync_bench
 
     bench = run_weight_sync_bench(params=2_000_000, engines=2, bucket_mb=1, repeats=1)
     assert bench.engines == 2 and bench.buckets > 2

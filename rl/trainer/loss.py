@@ -25,16 +25,6 @@ def group_advantages(rewards: list[float], group_ids: list[Hashable]) -> list[fl
     return [reward - means[group] for reward, group in zip(rewards, group_ids)]
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t >= 1, shape [batch, seq - 1].
-
-    Logits are divided by the sampling temperature, so these are the logprobs of the
-    distribution the rollout engine actually sampled from.
-    """
-    scaled = logits[:, :-1].float() / max(temperature, 1e-6)
-    return torch.log_softmax(scaled, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
 def k2_policy_loss(
     logprob_sums: torch.Tensor, old_logprob_sums: torch.Tensor, advantages: torch.Tensor, tau: float
 ) -> torch.Tensor:

@@ -1,13 +1,13 @@
-"""The checkpoint engine: a new version of the policy goes from the trainer ranks into every rollout
-engine, in place, bucket by bucket, pipelined.
+"""The weight-sync transport (K2's checkpoint engine): a new version of the policy goes from the
+trainer ranks into every rollout engine, in place, bucket by bucket, pipelined.
 
 For each bucket of one update:
 
     every trainer rank   gathers the bucket's parameters from their shards (`full_tensor()`: an
                          all-gather over the trainer mesh with torch.distributed, which is how the
-                         checkpoint-engine worker of every node receives the whole bucket)
-    the node's worker    (trainer rank 0 of the node, colocated with it) writes the bucket into one
-                         of two slots of a shared-memory block
+                         writer of every node receives the whole bucket)
+    the node's writer    (the node's first trainer rank) writes the bucket into one of two slots
+                         of the node's shared-memory block
     each engine          copies the bucket from that slot into its own parameters (vLLM's weight
                          loaders take only the part their own tensor-parallel shard needs) and
                          releases the slot
@@ -20,7 +20,8 @@ gate/up into `gate_up_proj`, a weight and its bias), so that a module is never h
 between two buckets for longer than one bucket's load. A group larger than `bucket_bytes` gets a
 bucket of its own; the slots are sized for the largest bucket.
 
-Slots and the hand-over live in one named shared-memory block. Its first bytes are int64 control
+Slots and the hand-over live in one named shared-memory block per node (its name carries the
+node's id, so nodes that share a /dev/shm never collide). Its first bytes are int64 control
 words: per slot, the sequence number of the bucket written into it; per engine and slot, the
 sequence number of the bucket that engine finished loading from it; per engine, the id of an
 update it failed; and an abort word. Each update has an id of its own, so sequence numbers never
@@ -31,11 +32,12 @@ memory model would need a fence).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -72,7 +74,7 @@ class Bucket:
 class BucketPlan:
     """Where each tensor of the state dict travels: fixed for a run, computed once by the driver."""
 
-    block_name: str
+    block_name: str  # the prefix of each node's block name, unique per run
     num_readers: int  # engine slots in the control area; engine i always uses reader index i
     slot_bytes: int
     buckets: tuple[Bucket, ...]
@@ -84,6 +86,10 @@ class BucketPlan:
     @property
     def block_bytes(self) -> int:
         return self.control_bytes + NUM_SLOTS * self.slot_bytes
+
+    def block_on(self, node_id: str) -> str:
+        """The name of the shared-memory block on node `node_id`."""
+        return f"{self.block_name}-{node_id[:12]}"
 
     @property
     def names(self) -> list[str]:
@@ -167,21 +173,22 @@ def plan_buckets(
 
 
 class _Block:
-    """The shared-memory block of a plan: control words and the slots."""
+    """The shared-memory block of a plan on one node: control words and the slots."""
 
-    def __init__(self, plan: BucketPlan, create: bool):
+    def __init__(self, plan: BucketPlan, node_id: str, create: bool):
         self.plan = plan
+        self.name = plan.block_on(node_id)
         if create:
             free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else plan.block_bytes
             if free < plan.block_bytes:
                 raise WeightSyncError(
-                    f"the checkpoint engine needs {plan.block_bytes / 2**30:.2f} GiB of shared memory, /dev/shm has "
-                    f"{free / 2**30:.2f} GiB free (lower checkpoint.bucket_mb, or in Docker raise --shm-size)"
+                    f"weight sync needs {plan.block_bytes / 2**30:.2f} GiB of shared memory, /dev/shm has "
+                    f"{free / 2**30:.2f} GiB free (lower weight_sync.bucket_mb, or in Docker raise --shm-size)"
                 )
-        self.shm = shared_memory.SharedMemory(name=plan.block_name, create=create, size=plan.block_bytes if create else 0)
+        self.shm = shared_memory.SharedMemory(name=self.name, create=create, size=plan.block_bytes if create else 0)
         if create:
-            _CREATED_HERE.add(plan.block_name)
-        elif plan.block_name not in _CREATED_HERE:
+            _CREATED_HERE.add(self.name)
+        elif self.name not in _CREATED_HERE:
             # Python 3.11 registers attached blocks for cleanup too; only the creator may unlink.
             resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
         words = plan.control_bytes // 8
@@ -224,17 +231,17 @@ class _Block:
         self.shm.close()
         if self.owner:
             self.shm.unlink()
-            _CREATED_HERE.discard(self.plan.block_name)
+            _CREATED_HERE.discard(self.name)
 
 
-class CheckpointWriter:
-    """A node's checkpoint-engine worker, inside the node's first trainer rank: owns the node's
-    shared-memory block (one per node, under the same name) and serves the engines of its node."""
+class BucketWriter:
+    """A node's weight-sync writer, inside the node's first trainer rank: owns the node's
+    shared-memory block and serves the engines of its node."""
 
-    def __init__(self, plan: BucketPlan, local_readers: tuple[int, ...]):
+    def __init__(self, plan: BucketPlan, node_id: str, local_readers: tuple[int, ...]):
         self.plan = plan
         self.local_readers = local_readers
-        self._block = _Block(plan, create=True)
+        self._block = _Block(plan, node_id, create=True)
 
     def write(self, update: WeightUpdate, full_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Copy the gathered tensors (in plan order) into the slots, bucket by bucket, each slot once
@@ -274,30 +281,35 @@ class CheckpointWriter:
                 if time.monotonic() > deadline:
                     raise WeightSyncError(
                         f"weight update to version {update.version}: rollout engine {reader} did not load bucket "
-                        f"{bucket - NUM_SLOTS} within checkpoint.timeout_s={update.timeout_s:g}s"
+                        f"{bucket - NUM_SLOTS} within weight_sync.timeout_s={update.timeout_s:g}s"
                     )
                 time.sleep(_POLL_S)
+
+    def mark_reader_failed(self, reader: int, update_id: int) -> None:
+        """For an engine of this node that died during an update: stop waiting for it at once and
+        go on with the other engines."""
+        self._block.set_failed(reader, update_id)
 
     def close(self) -> None:
         self._block.close()
 
 
-class CheckpointReader:
-    """An engine's side: follows the writer bucket by bucket and hands each to `load`."""
+class BucketReader:
+    """An engine's side: follows its node's writer bucket by bucket and hands each to `load`."""
 
-    def __init__(self, plan: BucketPlan, reader: int):
+    def __init__(self, plan: BucketPlan, node_id: str, reader: int):
         self.plan, self.reader = plan, reader
-        self._block = _Block(plan, create=False)
+        self._block = _Block(plan, node_id, create=False)
 
-    def read(self, update: WeightUpdate, load) -> None:
-        """`load(bucket_index)` must copy the bucket out of its slot before returning."""
+    async def read(self, update: WeightUpdate, load: Callable[[int], Awaitable[None]]) -> None:
+        """`await load(bucket_index)` must copy the bucket out of its slot before returning."""
         try:
-            self._follow(update, load)
+            await self._follow(update, load)
         except BaseException:
             self._block.set_failed(self.reader, update.update_id)
             raise
 
-    def _follow(self, update: WeightUpdate, load) -> None:
+    async def _follow(self, update: WeightUpdate, load: Callable[[int], Awaitable[None]]) -> None:
         for bucket in update.plan.buckets:
             slot = bucket.index % NUM_SLOTS
             sequence = update.sequence(bucket.index)
@@ -308,24 +320,14 @@ class CheckpointReader:
                 if time.monotonic() > deadline:
                     raise WeightSyncError(
                         f"weight update to version {update.version}: bucket {bucket.index} was not written within "
-                        f"checkpoint.timeout_s={update.timeout_s:g}s (is trainer rank 0 alive?)"
+                        f"weight_sync.timeout_s={update.timeout_s:g}s (is the node's first trainer rank alive?)"
                     )
-                time.sleep(_POLL_S)
-            load(bucket.index)
+                await asyncio.sleep(_POLL_S)
+            await load(bucket.index)
             self._block.set_done(self.reader, slot, sequence)
 
     def close(self) -> None:
         self._block.close()
-
-
-def mark_reader_failed(plan: BucketPlan, reader: int, update_id: int) -> None:
-    """For an engine that died during an update: the writer stops waiting for it at once and goes
-    on with the other engines."""
-    block = _Block(plan, create=False)
-    try:
-        block.set_failed(reader, update_id)
-    finally:
-        block.close()
 
 
 def layout_of(state: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -333,13 +335,13 @@ def layout_of(state: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int,
     return [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in state.items()]
 
 
-class MappedPlan:
+class BucketViews:
     """Zero-copy views of a bucket's tensors in its slot, for the engine's weight loader. Views are
     valid until the bucket is marked done."""
 
-    def __init__(self, plan: BucketPlan):
+    def __init__(self, plan: BucketPlan, node_id: str):
         self.plan = plan
-        self._block = _Block(plan, create=False)
+        self._block = _Block(plan, node_id, create=False)
 
     def bucket(self, index: int) -> list[tuple[str, torch.Tensor]]:
         bucket = self.plan.buckets[index]

@@ -1,0 +1,183 @@
+"""The rollout engines of a run: start, restart, and serve generation requests.
+
+Requests go to the least-loaded engine, and every request of one episode to the same engine, so
+its turns reuse their prefix in that engine's cache. Requests made in the same moment travel to
+an engine together, in one streaming call whose results come back one by one as they finish.
+
+An engine that dies is restarted (up to `rollout.max_engine_restarts` times), brought to the
+current weight version, and the requests it held are sent again: an episode re-runs from its last
+complete state, never lost and never counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import ray
+
+from rl.cluster.placement import Placement
+from rl.config import RunConfig
+from rollout.engine import EngineSpec, GenerationRequest, GenerationResult, RolloutEngine
+
+log = logging.getLogger(__name__)
+
+
+class EngineStartError(RuntimeError):
+    """A rollout engine did not come up; the message names the engine and the cause."""
+
+
+def error_summary(error: BaseException) -> str:
+    """The last line of a remote error's text: the exception itself, without the traceback."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(cause).__name__
+
+
+class EnginePool:
+    def __init__(self, config: RunConfig, model_path: str, placement: Placement):
+        self.config = config
+        self.placement = placement
+        self.spec = EngineSpec(
+            model_path=model_path,
+            dtype=config.model.dtype,
+            max_model_len=config.rollout.max_model_len,
+            kv_cache_gib=config.rollout.kv_cache_gib,
+            seed=config.seed,
+            enforce_eager=config.rollout.enforce_eager,
+            load_format="dummy",
+            sleep_between_rollouts=placement.engines_sleep,
+            tensor_parallel_size=config.rollout.tensor_parallel_size,
+        )
+        self.restarts = [0] * config.rollout.num_engines
+        # Set by the run's wiring: brings a restarted engine to the current weights.
+        self.load_weights: Callable[[int], None] = lambda index: None
+        self.engines = [self._start(index) for index in range(config.rollout.num_engines)]
+        try:
+            for index, engine in enumerate(self.engines):
+                self._wait_ready(index, engine, "failed to start")
+        except BaseException:
+            self.shutdown()
+            raise
+        self._load = [0] * len(self.engines)
+        # Generation runs on this loop only, so that the pool's futures and locks always belong to it.
+        self.loop = asyncio.new_event_loop()
+        self._queued: dict[int, list[tuple[GenerationRequest, asyncio.Future]]] = {}
+        self._streams: set[asyncio.Task] = set()
+        self._revive_locks: dict[int, asyncio.Lock] = {}
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    def _start(self, index: int):
+        actor = ray.remote(RolloutEngine).options(**self.placement.engine_options(index))
+        return actor.remote(self.spec)
+
+    def _wait_ready(self, index: int, engine, failure: str) -> None:
+        timeout = self.config.rollout.engine_start_timeout_s
+        try:
+            ray.get(engine.ready.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise EngineStartError(
+                f"rollout engine {index} did not start within rollout.engine_start_timeout_s={timeout:g}s"
+            ) from None
+        except ray.exceptions.RayError as error:
+            raise EngineStartError(f"rollout engine {index} {failure}: {error_summary(error)}") from None
+
+    def node_ids(self) -> list[str]:
+        return ray.get([engine.node_id.remote() for engine in self.engines])
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        return ray.get(self.engines[0].packed_modules.remote())
+
+    def least_loaded(self) -> int:
+        """The engine with the fewest requests in flight (the lowest index among equals)."""
+        return min(range(len(self.engines)), key=lambda index: self._load[index])
+
+    async def generate(self, request: GenerationRequest, engine: int) -> GenerationResult:
+        """Run `request` on engine `engine`; if that engine dies, on its replacement."""
+        while True:
+            handle = self.engines[engine]
+            future = asyncio.get_running_loop().create_future()
+            queue = self._queued.setdefault(engine, [])
+            queue.append((request, future))
+            self._load[engine] += 1
+            if len(queue) == 1:
+                asyncio.get_running_loop().call_soon(self._send, engine)
+            try:
+                return await future
+            except ray.exceptions.RayActorError as error:
+                await self._revive(engine, handle, error)
+
+    def _send(self, engine: int) -> None:
+        batch = self._queued.pop(engine, [])
+        if batch:
+            stream = asyncio.ensure_future(self._stream(engine, batch))
+            self._streams.add(stream)
+            stream.add_done_callback(self._streams.discard)
+
+    async def drain(self) -> None:
+        """Wait until every streaming call has closed (their results have all been handed out)."""
+        while self._streams:
+            await asyncio.gather(*self._streams, return_exceptions=True)
+
+    async def _stream(self, engine: int, batch: list[tuple[GenerationRequest, asyncio.Future]]) -> None:
+        waiting = {request.request_id: future for request, future in batch}
+        try:
+            async for ref in self.engines[engine].generate.remote([request for request, _ in batch]):
+                result = await ref
+                self._load[engine] -= 1
+                future = waiting.pop(result.request_id)
+                if not future.done():  # its episode may have been cancelled
+                    future.set_result(result)
+        except Exception as error:  # noqa: BLE001 - every waiting request learns what happened
+            for future in waiting.values():
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            self._load[engine] -= len(waiting)
+
+    async def _revive(self, index: int, dead, error: BaseException) -> None:
+        """Restart engine `index` once, however many of its requests saw it die."""
+        lock = self._revive_locks.setdefault(index, asyncio.Lock())
+        async with lock:
+            if self.engines[index] is dead:
+                await asyncio.to_thread(self.restart, index, error)
+
+    def restart(self, index: int, cause: BaseException) -> None:
+        """Replace a dead engine and bring it to the current version; the other engines are not involved."""
+        self.restarts[index] += 1
+        limit = self.config.rollout.max_engine_restarts
+        if self.restarts[index] > limit:
+            raise EngineStartError(
+                f"rollout engine {index} died and rollout.max_engine_restarts={limit} restarts are used up: "
+                f"{error_summary(cause)}"
+            )
+        log.warning("rollout engine %d died (%s); restarting it", index, error_summary(cause))
+        ray.kill(self.engines[index])
+        self.engines[index] = self._start(index)
+        self._wait_ready(index, self.engines[index], "died and could not be restarted")
+        self.load_weights(index)
+
+    async def abort_all(self) -> None:
+        """Stop every running request on every engine; each returns its tokens so far."""
+        await asyncio.gather(*(engine.abort_all.remote() for engine in self.engines), return_exceptions=True)
+
+    def sequence_logprobs(self, index: int, token_ids: list[int]) -> list[float]:
+        return ray.get(self.engines[index].sequence_logprobs.remote(token_ids))
+
+    def sleep(self) -> None:
+        ray.get([engine.sleep.remote() for engine in self.engines])
+
+    def shutdown(self) -> None:
+        """Stop each engine's engine core, then the actors."""
+        try:
+            ray.get([engine.shutdown.remote() for engine in self.engines], timeout=30)
+        except Exception:  # noqa: BLE001 - a dead or stuck engine is killed below regardless
+            pass
+        for engine in self.engines:
+            ray.kill(engine)
+        self.engines = []
+        if hasattr(self, "loop"):
+            self.loop.close()

@@ -1,0 +1,86 @@
+"""Where each actor of a run goes: one Ray placement group for the run.
+
+On GPU every actor takes devices of its own (disaggregated: one bundle per trainer rank, one per
+engine with its tensor-parallel GPUs), or engine i and trainer rank i share device i, half each
+(colocated: one bundle per device). On CPU there are no devices to divide: each trainer rank gets
+a bundle, engine i joins bundle i mod (trainer ranks), and the bundles are spread over the nodes,
+so that every engine has a trainer rank on its node to serve it weights.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rl.config import ConfigError, RunConfig
+
+# A CPU bundle reserves next to nothing: the actors share the cores.
+_CPU_BUNDLE = {"CPU": 0.001}
+
+
+class Placement:
+    def __init__(self, config: RunConfig, timeout_s: float = 120.0):
+        self.world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
+        self.num_engines = config.rollout.num_engines
+        self.gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.colocated = config.rollout.placement == "colocated"
+        self.engine_tp = config.rollout.tensor_parallel_size
+        self._check(config)
+        if not self.gpus:
+            bundles, strategy = [_CPU_BUNDLE] * self.world, "SPREAD"
+        elif self.colocated:
+            bundles, strategy = [{"GPU": 1}] * self.world, "PACK"
+        else:
+            bundles = [{"GPU": 1}] * self.world + [{"GPU": self.engine_tp}] * self.num_engines
+            strategy = "PACK"
+        self.group: PlacementGroup | None = ray.util.placement_group(bundles, strategy=strategy)
+        if not self.group.wait(timeout_s):
+            self.release()
+            raise ConfigError(
+                f"the Ray cluster cannot place {len(bundles)} bundles of {bundles[0]} ({strategy}) within "
+                f"{timeout_s:g}s: not enough resources for this trainer mesh and rollout.num_engines"
+            )
+
+    @property
+    def engines_sleep(self) -> bool:
+        """Colocated on GPU, engines and trainer take turns on each device."""
+        return self.colocated and self.gpus > 0
+
+    def _check(self, config: RunConfig) -> None:
+        tp = self.engine_tp
+        if tp > 1 and not self.gpus:
+            raise ConfigError(f"rollout.tensor_parallel_size={tp} needs GPUs; the Ray cluster has none")
+        if self.colocated and self.gpus and (self.num_engines != self.world or tp != 1):
+            raise ConfigError(
+                f"rollout.placement=colocated on GPU pairs one engine with each trainer rank: it needs "
+                f"rollout.num_engines = {self.world} trainer ranks and rollout.tensor_parallel_size = 1"
+            )
+        needed = self.world if self.colocated else self.num_engines * tp + self.world
+        if self.gpus and self.gpus < needed:
+            raise ConfigError(
+                f"{needed} GPUs needed for rollout.num_engines={self.num_engines} x "
+                f"rollout.tensor_parallel_size={tp} and {self.world} trainer ranks "
+                f"(rollout.placement={config.rollout.placement}), the Ray cluster has {self.gpus}"
+            )
+
+    def trainer_options(self, rank: int) -> dict:
+        gpus = (0.5 if self.colocated else 1) if self.gpus else 0
+        return {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": self._bundle(rank)}
+
+    def engine_options(self, index: int) -> dict:
+        if not self.gpus:
+            bundle, gpus = index % self.world, 0
+        elif self.colocated:
+            bundle, gpus = index, 0.5
+        else:
+            bundle, gpus = self.world + index, self.engine_tp
+        return {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": self._bundle(bundle)}
+
+    def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)
+
+    def release(self) -> None:
+        if self.group is not None:
+            ray.util.remove_placement_group(self.group)
+            self.group = None

@@ -1,0 +1,58 @@
+"""Connecting to Ray: a local cluster of the run's own, or an existing cluster by address."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import ray
+
+from rl.config import ConfigError
+
+_RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+_CONNECT_TIMEOUT_S = 10.0
+
+
+def connect(address: str | None = None, verbose: bool = False) -> str:
+    """Start or join Ray for one run; returns a line saying which.
+
+    `address` (or `RAY_ADDRESS`, which `ray job submit` sets) joins an existing cluster. Without
+    one, k2rl starts a local single-node cluster of its own (`address="local"`), so a session file
+    left by a Ray head that was killed uncleanly never matters. `verbose` shows the workers' logs.
+    """
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    if not address or address == "local":
+        ray.init(
+            address="local",
+            # A run's own cluster is one machine: everything stays on loopback.
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            object_store_memory=256 * 1024**2,
+            runtime_env=_RUNTIME_ENV,
+            **quiet,
+        )
+        return "started a local Ray cluster"
+    _check_reachable(address)
+    try:
+        ray.init(address=address, runtime_env=_RUNTIME_ENV, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {str(error).strip().splitlines()[-1]}") from None
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    return f"joined the Ray cluster at {address} ({len(nodes)} nodes)"
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, with one line, when nothing answers at a `host:port` address (Ray itself
+    retries for minutes). `ray://` client addresses and `auto` are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} must look like HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise ConfigError(f"no Ray cluster answers at {address} ({error.strerror or error})") from None

@@ -1,0 +1,269 @@
+"""The RL loop: the Ray driver that owns the iterations, the data and the metrics.
+
+One iteration (synchronous, as in K2's controller):
+
+    sample prompts -> rollout: K episodes per prompt on the engines, each scored as it ends
+    -> group baselines -> train on the sharded trainer ranks -> weight sync (version + 1)
+    -> metrics, and a run checkpoint every `checkpoint.every` steps
+
+It moves token ids and numbers between processes, never weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rewards import RewardScorer, get_reward
+from rl.cluster import Workers
+from rl.config import RunConfig
+from rl.data import PromptSampler, load_eval_tasks, load_train_pool
+from rl.evaluation import accuracy
+from rl.metrics import MetricsLogger
+from rl.records import TrainSample, Trajectory
+from rl.run_checkpoint import (
+    CheckpointError,
+    LoopState,
+    RunCheckpoints,
+    driver_rng_state,
+    model_fingerprint,
+    restore_driver_rng,
+)
+from rl.trainer.loss import group_advantages
+from rollout.manager import RolloutManager
+from rollout.rendering import Renderer
+
+log = logging.getLogger("k2rl")
+
+
+class RewardErrorLimit(RuntimeError):
+    """Rewards raised on more responses than `reward.max_error_frac` allows."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    initial_eval_accuracy: float | None
+    final_eval_accuracy: float | None
+    seconds: float
+    weight_version: int
+    # Set when a signal ended the run early, after its checkpoint.
+    stopped_at: int | None = None
+
+
+class Controller:
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = run_dir
+        data = config.data
+        self.eval_tasks = load_eval_tasks(data.eval_path, data.columns, data.eval_size)
+        self.sampler = PromptSampler(load_train_pool(data.train_path, data.columns), config.seed, self.eval_tasks)
+        # An unknown reward name fails here, before any process starts.
+        for name in self.sampler.reward_names() | {task.reward for task in self.eval_tasks if task.reward}:
+            get_reward(name)
+        self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep)
+        self.version = 0
+        self.reward_errors = self.responses_scored = 0
+        self._stop_signal: int | None = None
+
+    def run(self, model_path: str, resume: bool = False, on_step: Callable[[int, Workers], None] | None = None) -> RunSummary:
+        """Every iteration from the start, or (`resume`) from the latest run checkpoint; `on_step(step,
+        workers)` is called after each weight update."""
+        config = self.config
+        started = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        handler = _log_to(self.run_dir / "train.log")
+        scorer = RewardScorer(config.reward.num_workers)
+        workers: Workers | None = None
+        rollout: RolloutManager | None = None
+        metrics: MetricsLogger | None = None
+        previous_handlers = _catch_stop_signals(self._on_signal)
+        try:
+            workers = Workers.start(config, model_path)
+            fingerprint = model_fingerprint(workers.trainers.weight_layout())
+            first_step = self._restore(workers, fingerprint) + 1 if resume else 1
+            metrics = MetricsLogger(self.run_dir, resumed_at=first_step - 1 if resume else None)
+            workers.weight_sync.push(self.version)
+            rollout = RolloutManager(config, workers.engines, Renderer.from_pretrained(model_path, config.model.prompt_format), scorer)
+            initial = final = None
+            if not resume:
+                initial = final = self._evaluate(rollout)
+                metrics.log({"step": 0, "weight_version": 0, "eval_accuracy": initial})
+            progress = tqdm(range(first_step, config.steps + 1), desc="k2rl train", unit="step", initial=first_step - 1, total=config.steps)
+            for step in progress:
+                row = self.iteration(step, workers, rollout)
+                if step % config.data.eval_every == 0 or step == config.steps:
+                    eval_started = time.perf_counter()
+                    final = row["eval_accuracy"] = self._evaluate(rollout)
+                    row["time_eval_s"] = time.perf_counter() - eval_started
+                metrics.log(row)
+                if on_step is not None:
+                    on_step(step, workers)
+                progress.set_postfix(reward=f"{row['reward_mean']:.3f}", eval=f"{final:.3f}" if final is not None else "-")
+                due = config.checkpoint.every and step % config.checkpoint.every == 0
+                if due or self._stop_signal is not None:
+                    self._checkpoint(step, workers, fingerprint)
+                if self._stop_signal is not None:
+                    log.warning("stopped by %s after step %d; resume with --resume %s", signal.Signals(self._stop_signal).name, step, self.run_dir)
+                    return RunSummary(self.run_dir, initial, final, time.perf_counter() - started, self.version, stopped_at=step)
+            workers.trainers.save_model(str(self.run_dir / "final"))
+            return RunSummary(self.run_dir, initial, final, time.perf_counter() - started, self.version)
+        finally:
+            _restore_signals(previous_handlers)
+            if rollout is not None:
+                rollout.close()
+            scorer.close()
+            if workers is not None:
+                workers.shutdown()
+            if metrics is not None:
+                metrics.close()
+            _stop_logging_to(handler)
+
+    def iteration(self, step: int, workers: Workers, rollout: RolloutManager) -> dict:
+        config = self.config
+        started = time.perf_counter()
+        step_rollout = rollout.collect(self.sampler.sample(config.data.prompts_per_step), step)
+        trajectories = step_rollout.trajectories
+        self._count_reward_errors(trajectories)
+        samples = training_samples(trajectories)
+        rollout_done = time.perf_counter()
+
+        train_metrics = workers.trainers.train(samples)
+        train_done = time.perf_counter()
+
+        self.version = workers.weight_sync.push(self.version + 1)
+        sync_done = time.perf_counter()
+
+        scored = [t for t in trajectories if t.trainable]
+        reasons: dict[str, int] = {}
+        for t in trajectories:
+            # "reward_error: ValueError: ..." counts as "reward_error".
+            reason = t.reward.reason.split(":")[0] if t.reward is not None else t.status.value
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return {
+            "step": step,
+            "reward_mean": sum(t.reward.score for t in scored) / max(len(scored), 1),
+            "response_len_mean": sum(t.generated_tokens for t in trajectories) / len(trajectories),
+            "truncated_frac": sum(t.truncated for t in trajectories) / len(trajectories),
+            "reward_error_frac": sum(t.reward is not None and t.reward.failed for t in trajectories) / len(trajectories),
+            **train_metrics,
+            "weight_version": self.version,
+            "rollout_weight_version": min(t.oldest_version for t in trajectories),
+            "time_rollout_s": step_rollout.time_generate_s,
+            "time_reward_s": step_rollout.time_reward_s,
+            "time_train_s": train_done - rollout_done,
+            "time_weight_sync_s": sync_done - train_done,
+            "time_step_s": sync_done - started,
+            "reward_reasons": reasons,
+        }
+
+    def _evaluate(self, rollout: RolloutManager) -> float:
+        """Greedy accuracy on the held-out tasks; a response cut at its budget counts as wrong."""
+        return accuracy([t.reward for t in rollout.evaluate(self.eval_tasks)])
+
+    def _count_reward_errors(self, trajectories: list[Trajectory]) -> None:
+        """Count responses whose reward raised; stop the run past `reward.max_error_frac` of all
+        responses so far (taken over at least 100, so that one early error cannot end a run)."""
+        failed = [t for t in trajectories if t.reward is not None and t.reward.failed]
+        if failed and self.reward_errors == 0:
+            log.error("reward %r raised on task %r (further reward errors are counted, not logged):\n%s",
+                      failed[0].task.reward, failed[0].task.task_id, failed[0].reward.error)
+        self.reward_errors += len(failed)
+        self.responses_scored += sum(t.reward is not None for t in trajectories)
+        limit = self.config.reward.max_error_frac
+        if self.reward_errors > limit * max(self.responses_scored, 100):
+            first = failed[0].reward.reason if failed else "see train.log"
+            raise RewardErrorLimit(
+                f"rewards raised on {self.reward_errors} of {self.responses_scored} responses, more than "
+                f"reward.max_error_frac={limit:g} allows ({first}; the first traceback is in {self.run_dir / 'train.log'})"
+            )
+
+    def _checkpoint(self, step: int, workers: Workers, fingerprint: str) -> None:
+        staging = self.checkpoints.staging(step)
+        workers.trainers.save_state(str(staging / "trainer"))
+        state = LoopState(
+            step=step,
+            weight_version=self.version,
+            sampler=self.sampler.state_dict(),
+            rng=driver_rng_state(),
+            reward_errors=self.reward_errors,
+            responses_scored=self.responses_scored,
+            model_fingerprint=fingerprint,
+        )
+        path = self.checkpoints.commit(staging, state, self.run_dir / "metrics.jsonl")
+        log.info("checkpoint written: %s", path)
+
+    def _restore(self, workers: Workers, fingerprint: str) -> int:
+        """Load the latest checkpoint into the trainer and the loop; returns its step."""
+        path, state = self.checkpoints.latest()
+        if state.model_fingerprint != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} was written for a different model (its parameter names or shapes differ from model.path's)"
+            )
+        workers.trainers.load_state(str(path / "trainer"))
+        self.sampler.load_state_dict(state.sampler)
+        restore_driver_rng(state.rng)
+        self.version = state.weight_version
+        self.reward_errors, self.responses_scored = state.reward_errors, state.responses_scored
+        (self.run_dir / "metrics.jsonl").write_text((path / "metrics.jsonl").read_text() if (path / "metrics.jsonl").is_file() else "")
+        log.info("resumed from %s (step %d, weight version %d)", path, state.step, state.weight_version)
+        return state.step
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second signal: stop now
+        self._stop_signal = signum
+        log.warning("%s: finishing this step, writing a checkpoint, then stopping (again to stop at once)", signal.Signals(signum).name)
+
+
+def training_samples(trajectories: list[Trajectory]) -> list[TrainSample]:
+    """Advantages per group id over the trainable members; the others stay in the batch, masked out
+    of the loss (a failed reward or environment is never training signal)."""
+    trainable = [t for t in trajectories if t.trainable]
+    advantages = dict(zip(map(id, trainable), group_advantages([t.reward.score for t in trainable], [t.group_id for t in trainable])))
+    return [
+        TrainSample.of(t, advantages[id(t)]) if t.trainable else TrainSample.of(t, 0.0, loss_mask=[0] * len(t.loss_mask))
+        for t in trajectories
+    ]
+
+
+# The packages whose log lines go to the run log (train.log); warnings also reach the console.
+_LOGGERS = ("k2rl", "rl", "rollout", "rewards", "sandboxes")
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in _LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    return handler
+
+
+def _stop_logging_to(handler: logging.Handler) -> None:
+    for name in _LOGGERS:
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def _catch_stop_signals(handler) -> dict[int, object]:
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

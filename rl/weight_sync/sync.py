@@ -1,0 +1,90 @@
+"""Weight sync as one component of a run: each new version of the policy goes from the trainer
+group into every rollout engine, in place, through the shared-memory transport (transport.py).
+
+One writer per node (the node's first trainer rank) serves the engines of its node. An engine
+that dies during an update is marked failed on its own node, by that node's writer, so the update
+goes on for the others; the engine is then restarted and given the same version alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import TYPE_CHECKING
+
+import ray
+
+from rl.config import ConfigError, WeightSyncConfig
+from rl.weight_sync.transport import WeightUpdate, plan_buckets
+
+if TYPE_CHECKING:
+    from rl.cluster.engine_pool import EnginePool
+    from rl.cluster.trainer_group import TrainerGroup
+
+
+def writer_ranks(trainer_nodes: list[str], engine_nodes: list[str]) -> dict[int, tuple[int, ...]]:
+    """Trainer rank -> the engines it writes for: the first rank of each node serves that node's engines."""
+    first_rank: dict[str, int] = {}
+    for rank, node in enumerate(trainer_nodes):
+        first_rank.setdefault(node, rank)
+    writers: dict[int, tuple[int, ...]] = {}
+    for index, node in enumerate(engine_nodes):
+        if node not in first_rank:
+            raise ConfigError(
+                f"rollout engine {index} runs on node {node[:12]}, where no trainer rank runs: weight sync "
+                "serves engines from a trainer rank on their own node"
+            )
+        writers[first_rank[node]] = writers.get(first_rank[node], ()) + (index,)
+    return writers
+
+
+class WeightSync:
+    def __init__(self, config: WeightSyncConfig, trainers: TrainerGroup, engines: EnginePool, colocated: bool):
+        self.config, self.trainers, self.engines, self.colocated = config, trainers, engines, colocated
+        self.version = 0
+        self._update_ids = itertools.count(1)
+        self.plan = plan_buckets(
+            trainers.weight_layout(),
+            engines.packed_modules(),
+            int(config.bucket_mb * 2**20),
+            num_readers=len(engines),
+            block_name=f"k2rl-weights-{uuid.uuid4().hex[:12]}",
+        )
+        self._engine_nodes = engines.node_ids()
+        self._writers = writer_ranks(trainers.node_ids(), self._engine_nodes)
+        ray.get([trainers.ranks[rank].open_weight_writer.remote(self.plan, local) for rank, local in self._writers.items()])
+        engines.load_weights = lambda index: self.push(self.version, (index,))
+
+    def push(self, version: int, readers: tuple[int, ...] | None = None) -> int:
+        """Version `version` into `readers` (every engine by default); returns it."""
+        readers = tuple(range(len(self.engines))) if readers is None else readers
+        update = WeightUpdate(self.plan, next(self._update_ids), version, readers, self.config.timeout_s)
+        engines = self.engines.engines
+        if self.colocated:
+            # The device holds the trainer's parameters and the engines' weights during the update.
+            self.trainers.offload(parameters=False)
+            ray.get([engines[index].wake_up.remote(("weights",)) for index in readers])
+        gathers = [rank.broadcast_weights.remote(update) for rank in self.trainers.ranks]
+        loads = {engines[index].receive_update.remote(update, index): index for index in readers}
+        died: dict[int, BaseException] = {}
+        pending = list(loads)
+        while pending:  # in completion order: a dead engine is noticed while the others still wait
+            (future,), pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(future)
+            except ray.exceptions.RayActorError as error:
+                index = loads[future]
+                died[index] = error
+                ray.get(self.trainers.ranks[self._writer_of(index)].mark_reader_failed.remote(index, update.update_id))
+        ray.get(gathers)
+        if self.colocated:
+            # The trainer's memory goes to the host before the engines' KV caches come back.
+            self.trainers.offload()
+            ray.get([engines[index].wake_up.remote(("kv_cache",)) for index in readers if index not in died])
+        self.version = max(self.version, version)
+        for index, error in died.items():
+            self.engines.restart(index, error)
+        return version
+
+    def _writer_of(self, engine: int) -> int:
+        return next(rank for rank, readers in self._writers.items() if engine in readers)

@@ -1,0 +1,101 @@
+"""Environment id -> how to make one.
+
+    register("guess-number", "rollout.environments.guess_number:GuessNumber", max_value=100)
+    env = make("guess-number", max_value=50)
+
+An entry point is a class or factory, or its "module:attribute" path (imported on first `make`).
+Installed distributions add environments without touching k2rl through the `k2rl.environments`
+entry-point group:
+
+    [project.entry-points."k2rl.environments"]
+    my-env = "my_package.envs:MyEnv"
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+from rollout.environments.base import Environment
+
+ENTRY_POINT_GROUP = "k2rl.environments"
+
+
+class EnvironmentConfigError(ValueError):
+    """An environment cannot be made: unknown id, an entry point that fails to import, kwargs it rejects."""
+
+
+@dataclass
+class _Spec:
+    entry_point: str | Callable[..., Environment]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, _Spec] = {}
+_scanned = False
+
+
+def register(env_id: str, entry_point: str | Callable[..., Environment], **default_kwargs: Any) -> None:
+    """Register `entry_point` as `env_id`; `default_kwargs` go to every `make` (overridable)."""
+    existing = _REGISTRY.get(env_id)
+    if existing is not None and existing.entry_point != entry_point:
+        raise EnvironmentConfigError(f"environment {env_id!r} is already registered to {existing.entry_point!r}")
+    _REGISTRY[env_id] = _Spec(entry_point, dict(default_kwargs))
+
+
+def make(env_id: str, **kwargs: Any) -> Environment:
+    """A new environment instance; one clear error naming the environment when it cannot be made."""
+    spec = _spec(env_id)
+    factory = _resolve(env_id, spec.entry_point)
+    try:
+        return factory(**{**spec.kwargs, **kwargs})
+    except TypeError as error:
+        raise EnvironmentConfigError(f"environment {env_id!r} rejects its arguments {sorted(kwargs)}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - the user's constructor: name it, keep the cause
+        raise EnvironmentConfigError(f"environment {env_id!r} failed to start: {type(error).__name__}: {error}") from error
+
+
+def env_ids() -> list[str]:
+    _scan_entry_points()
+    return sorted(_REGISTRY)
+
+
+def spec_of(env_id: str) -> _Spec:
+    return _spec(env_id)
+
+
+def _spec(env_id: str) -> _Spec:
+    if env_id not in _REGISTRY:
+        _scan_entry_points()
+    if env_id not in _REGISTRY:
+        raise EnvironmentConfigError(f"unknown environment {env_id!r} (registered: {', '.join(env_ids()) or 'none'})")
+    return _REGISTRY[env_id]
+
+
+def _scan_entry_points() -> None:
+    global _scanned
+    if _scanned:
+        return
+    _scanned = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        _REGISTRY.setdefault(entry.name, _Spec(entry.value))
+
+
+def _resolve(env_id: str, entry_point: str | Callable[..., Environment]) -> Callable[..., Environment]:
+    if callable(entry_point):
+        return entry_point
+    module, _, attribute = entry_point.partition(":")
+    try:
+        target = importlib.import_module(module)
+        for part in attribute.split(".") if attribute else []:
+            target = getattr(target, part)
+    except Exception as error:  # noqa: BLE001 - any import failure of a plugin: name it
+        raise EnvironmentConfigError(
+            f"environment {env_id!r}: entry point {entry_point!r} failed to import: {type(error).__name__}: {error}"
+        ) from None
+    if not callable(target):
+        raise EnvironmentConfigError(f"environment {env_id!r}: entry point {entry_point!r} is not a class or function")
+    return target
