@@ -13,6 +13,14 @@ from rl.bootstrap import BootstrapSpec, bootstrap
 TINY_SPEC = BootstrapSpec(num_layers=2, sft_steps=5, eval_size=8, sft_batch_size=16)
 
 
+@pytest.fixture(autouse=True)
+def dataset_cache(tmp_path, monkeypatch):
+    """Keep the Arrow copies that `datasets` writes for task files out of the user's Hugging Face cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("policy") / "tiny"
