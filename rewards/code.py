@@ -12,36 +12,15 @@ case 3`, `timeout on case 2`, `memory_limit`, `output_limit`, `tests_failed`, ..
 
 from __future__ import annotations
 
-import atexit
 import re
 import secrets
-import threading
 
 from rewards.registry import register
 from rl.records import RewardResult, Task
-from sandboxes import RunRequest, RunResult, Sandbox, SandboxConfig, open_sandbox
+from sandboxes import RunRequest, RunResult, Sandbox
+from sandboxes.shared import shared_sandbox
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-
-_sandbox: Sandbox | None = None
-_sandbox_lock = threading.Lock()
-
-
-def use_sandbox(sandbox: Sandbox | None) -> None:
-    """Make the `code` reward run programs in `sandbox` (None: open the default one on next use)."""
-    global _sandbox
-    with _sandbox_lock:
-        _sandbox = sandbox
-
-
-def _shared_sandbox() -> Sandbox:
-    global _sandbox
-    with _sandbox_lock:
-        if _sandbox is None:
-            _sandbox = open_sandbox(SandboxConfig())
-            atexit.register(_sandbox.close)
-        return _sandbox
-
 
 def extract_program(response: str) -> str:
     """The last fenced code block, else the whole response."""
@@ -114,7 +93,7 @@ def code_reward(task: Task, response: str) -> RewardResult:
         compile(program, "main.py", "exec")
     except (SyntaxError, ValueError):
         return RewardResult(0.0, "compile_error")
-    sandbox = _shared_sandbox()
+    sandbox = shared_sandbox()
     if "tests" in spec:
         return _run_unit_tests(sandbox, program, str(spec["tests"]))
     cases = spec["cases"]

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from rewards import get_reward
-from rewards.code import extract_program, use_sandbox
+from rewards.code import extract_program
+from sandboxes.shared import use_sandbox
 from rl.records import Task
 from sandboxes import SandboxConfig, SandboxLimits, docker_available, open_sandbox
 

@@ -14,6 +14,7 @@ entry-point group:
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -48,23 +49,57 @@ def register(env_id: str, entry_point: str | Callable[..., Environment], **defau
 
 def make(env_id: str, **kwargs: Any) -> Environment:
     """A new environment instance; one clear error naming the environment when it cannot be made."""
+    factory, defaults = resolve(env_id)
+    return instantiate(env_id, factory, {**defaults, **kwargs})
+
+
+def resolve(env_id: str) -> tuple[Callable[..., Environment], dict[str, Any]]:
+    """The class or function that makes `env_id` (its module imported) and its registered default kwargs."""
     spec = _spec(env_id)
-    factory = _resolve(env_id, spec.entry_point)
+    return _resolve(env_id, spec.entry_point), dict(spec.kwargs)
+
+
+def instantiate(env_id: str, factory: Callable[..., Environment], kwargs: dict[str, Any]) -> Environment:
+    """`factory(**kwargs)`, its failure turned into one EnvironmentConfigError naming `env_id`.
+
+    Separate from `make` so that an environment worker, whose process has its own registry, can
+    build what the driver resolved.
+    """
     try:
-        return factory(**{**spec.kwargs, **kwargs})
+        return factory(**kwargs)
     except TypeError as error:
-        raise EnvironmentConfigError(f"environment {env_id!r} rejects its arguments {sorted(kwargs)}: {error}") from None
+        raise _rejected(env_id, kwargs, error) from None
     except Exception as error:  # noqa: BLE001 - the user's constructor: name it, keep the cause
         raise EnvironmentConfigError(f"environment {env_id!r} failed to start: {type(error).__name__}: {error}") from error
+
+
+def check_arguments(env_id: str, factory: Callable[..., Environment], kwargs: dict[str, Any]) -> None:
+    """Raise the error `instantiate` would for kwargs that `factory` cannot take, without calling it:
+    for environments made in another process, so that a misconfiguration fails where it is made."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the call itself will tell
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        raise _rejected(env_id, kwargs, error) from None
+
+
+def check(env_id: str, kwargs: dict[str, Any]) -> None:
+    """Raise EnvironmentConfigError now for an environment that `make` could not build: an unknown id,
+    an entry point that fails to import, kwargs its constructor does not take."""
+    factory, defaults = resolve(env_id)
+    check_arguments(env_id, factory, {**defaults, **kwargs})
+
+
+def _rejected(env_id: str, kwargs: dict[str, Any], error: TypeError) -> EnvironmentConfigError:
+    return EnvironmentConfigError(f"environment {env_id!r} rejects its arguments {sorted(kwargs)}: {error}")
 
 
 def env_ids() -> list[str]:
     _scan_entry_points()
     return sorted(_REGISTRY)
-
-
-def spec_of(env_id: str) -> _Spec:
-    return _spec(env_id)
 
 
 def _spec(env_id: str) -> _Spec:
