@@ -35,17 +35,20 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from rl.cluster import EngineStartError
+    from rl.cluster.engine_pool import EngineStartError
     from rl.loop import Controller, RewardErrorLimit
     from rl.run_checkpoint import CheckpointError
     from rl.weight_sync.transport import WeightSyncError
+    from rollout.environments import EnvironmentConfigError
     from rollout.rendering import RenderError
 
     try:
         config, run_dir = _train_config(ns)
         controller = Controller(config, run_dir)
         model_path = resolve_model_path(config)
-    except (ConfigError, CheckpointError, UnknownRewardError, ImportError, ValueError, OSError) as error:
+        if ns.resume is not None:
+            controller.resume_latest(model_path)
+    except (ConfigError, CheckpointError, UnknownRewardError, EnvironmentConfigError, ImportError, ValueError, OSError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:
         return _fail("interrupted")
@@ -56,7 +59,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     try:
         connect(ns.ray_address, ns.verbose)
-        summary = controller.run(model_path, resume=ns.resume is not None)
+        summary = controller.run(model_path)
     except (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, RewardErrorLimit, RenderError, WeightSyncError) as error:
         return _fail(str(error))
     except ray.exceptions.RayError as error:

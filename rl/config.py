@@ -73,6 +73,9 @@ class RolloutConfig:
     max_turns: int = 8
     # An environment's reset or step that takes longer ends its episode (recorded as failed).
     step_timeout_s: float = 30.0
+    # Ray actors that run environments with plain (blocking) reset/step, started on first need;
+    # `async def` environments run in the driver's event loop.
+    env_workers: int = 2
     # "disaggregated": engines and trainer ranks on devices of their own. "colocated": engine i and
     # trainer rank i share device i, taking turns (on GPU the engines sleep, vLLM sleep mode, while
     # the trainer works, and the trainer offloads to host memory while they generate). On CPU both
@@ -167,6 +170,7 @@ class RunConfig:
             "rollout.max_concurrent_episodes": self.rollout.max_concurrent_episodes,
             "rollout.max_turns": self.rollout.max_turns,
             "rollout.step_timeout_s": self.rollout.step_timeout_s,
+            "rollout.env_workers": self.rollout.env_workers,
             "trainer.data_parallel_size": self.trainer.data_parallel_size,
             "trainer.tensor_parallel_size": self.trainer.tensor_parallel_size,
             "trainer.micro_batch_size": self.trainer.micro_batch_size,

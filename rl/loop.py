@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rewards import RewardScorer, get_reward
-from rl.cluster import Workers
+from rl.cluster.workers import Workers
 from rl.config import RunConfig
 from rl.data import PromptSampler, load_eval_tasks, load_train_pool
 from rl.evaluation import accuracy
@@ -37,6 +37,7 @@ from rl.run_checkpoint import (
     restore_driver_rng,
 )
 from rl.trainer.loss import group_advantages
+from rollout import environments
 from rollout.manager import RolloutManager
 from rollout.rendering import Renderer
 
@@ -65,19 +66,32 @@ class Controller:
         data = config.data
         self.eval_tasks = load_eval_tasks(data.eval_path, data.columns, data.eval_size)
         self.sampler = PromptSampler(load_train_pool(data.train_path, data.columns), config.seed, self.eval_tasks)
-        # An unknown reward name fails here, before any process starts.
+        # An unknown reward or environment fails here, before any process starts.
         for name in self.sampler.reward_names() | {task.reward for task in self.eval_tasks if task.reward}:
             get_reward(name)
+        for env_id, kwargs in {(t.env, json.dumps(t.env_kwargs, sort_keys=True)) for t in self.sampler.tasks() + self.eval_tasks if t.env}:
+            environments.check(env_id, json.loads(kwargs))
         self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep)
+        self.resume_from: tuple[Path, LoopState] | None = None
         self.version = 0
         self.reward_errors = self.responses_scored = 0
         self._stop_signal: int | None = None
 
-    def run(self, model_path: str, resume: bool = False, on_step: Callable[[int, Workers], None] | None = None) -> RunSummary:
-        """Every iteration from the start, or (`resume`) from the latest run checkpoint; `on_step(step,
-        workers)` is called after each weight update."""
+    def resume_latest(self, model_path: str) -> None:
+        """Continue from the latest usable checkpoint (checked against the model before anything starts)."""
+        path, state = self.checkpoints.latest()
+        if state.model_fingerprint != model_fingerprint(model_path):
+            raise CheckpointError(
+                f"checkpoint {path} was written for a different model (its parameter names or shapes differ from model.path's)"
+            )
+        self.resume_from = path, state
+
+    def run(self, model_path: str, on_step: Callable[[int, Workers], None] | None = None) -> RunSummary:
+        """Every iteration from the start, or from the checkpoint chosen by `resume_latest`;
+        `on_step(step, workers)` is called after each weight update."""
         config = self.config
         started = time.perf_counter()
+        resume = self.resume_from is not None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         handler = _log_to(self.run_dir / "train.log")
@@ -85,11 +99,11 @@ class Controller:
         workers: Workers | None = None
         rollout: RolloutManager | None = None
         metrics: MetricsLogger | None = None
+        fingerprint = model_fingerprint(model_path)
         previous_handlers = _catch_stop_signals(self._on_signal)
         try:
             workers = Workers.start(config, model_path)
-            fingerprint = model_fingerprint(workers.trainers.weight_layout())
-            first_step = self._restore(workers, fingerprint) + 1 if resume else 1
+            first_step = self._restore(workers, *self.resume_from) + 1 if resume else 1
             metrics = MetricsLogger(self.run_dir, resumed_at=first_step - 1 if resume else None)
             workers.weight_sync.push(self.version)
             rollout = RolloutManager(config, workers.engines, Renderer.from_pretrained(model_path, config.model.prompt_format), scorer)
@@ -201,13 +215,8 @@ class Controller:
         path = self.checkpoints.commit(staging, state, self.run_dir / "metrics.jsonl")
         log.info("checkpoint written: %s", path)
 
-    def _restore(self, workers: Workers, fingerprint: str) -> int:
-        """Load the latest checkpoint into the trainer and the loop; returns its step."""
-        path, state = self.checkpoints.latest()
-        if state.model_fingerprint != fingerprint:
-            raise CheckpointError(
-                f"checkpoint {path} was written for a different model (its parameter names or shapes differ from model.path's)"
-            )
+    def _restore(self, workers: Workers, path: Path, state: LoopState) -> int:
+        """Load a checkpoint into the trainer and the loop; returns its step."""
         workers.trainers.load_state(str(path / "trainer"))
         self.sampler.load_state_dict(state.sampler)
         restore_driver_rng(state.rng)

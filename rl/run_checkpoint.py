@@ -63,9 +63,15 @@ def restore_driver_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def model_fingerprint(layout: list[tuple[str, str, tuple[int, ...]]]) -> str:
-    """A digest of the parameter names and shapes: equal for the same architecture and size."""
-    text = json.dumps([(name, list(shape)) for name, _, shape in layout])
+def model_fingerprint(model_path: str) -> str:
+    """A digest of the model's parameter names and shapes: equal for the same architecture and size.
+    Read from the config alone (the model is built on the meta device), so a checkpoint of another
+    model is refused before any process starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    text = json.dumps([(name, list(tensor.shape)) for name, tensor in model.state_dict().items()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

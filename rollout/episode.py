@@ -118,8 +118,13 @@ class Episode:
 
     async def _start(self, ctx: Any) -> None:
         t = self.trajectory
-        self.env = ctx.make_env(self.task)
-        seed = request_seed(self.run_seed, t.group_id, t.sample_index, -1)
+        try:
+            self.env = ctx.make_env(self.task)
+        except Exception as error:  # noqa: BLE001 - the user's environment failed to start: this episode fails
+            raise EnvironmentFailure(f"{error} (task {self.task.task_id!r})") from None
+        # One seed per group: the K episodes of a task face the same question, which is what makes
+        # the group's mean reward a baseline.
+        seed = request_seed(self.run_seed, t.group_id, 0, -1)
         observation, _ = await self._call("reset", self.task, seed)
         t.messages = list(_checked(observation, self.task, "reset"))
         t.prompt_ids = ctx.renderer.prompt(t.messages)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from rewards import RewardScorer
 from rl.config import RunConfig
 from rl.records import EpisodeStatus, Task, Trajectory
-from rollout.environments.base import Environment, SingleTurn
+from rollout.environments import EnvironmentHost
+from rollout.environments.base import Environment
 from rollout.episode import Episode, EpisodeSettings
 from rollout.rendering import Renderer
 
@@ -55,11 +56,9 @@ class RolloutManager:
     def __init__(self, config: RunConfig, pool, renderer: Renderer, scorer: RewardScorer):
         self.config = config
         self.scorer = scorer
-        self.context = RolloutContext(pool, renderer, self._make_env)
+        self.environments = EnvironmentHost(config.rollout.env_workers, config.rollout.step_timeout_s)
+        self.context = RolloutContext(pool, renderer, self.environments.make)
         self.loop = pool.loop
-
-    def _make_env(self, task: Task) -> Environment:
-        return SingleTurn()
 
     def _settings(self, task: Task, greedy: bool) -> EpisodeSettings:
         rollout = self.config.rollout
@@ -118,4 +117,5 @@ class RolloutManager:
         return StepRollout(groups, time_generate_s=generated - started, time_reward_s=scored - generated)
 
     def close(self) -> None:
-        """Release what the rollout holds (the engines belong to the pool)."""
+        """Stop the environment workers (the engines belong to the pool)."""
+        self.environments.close()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rewards import RewardScorer
-from rl.cluster import EngineStartError, Workers
+from rl.cluster.engine_pool import EngineStartError
+from rl.cluster.workers import Workers
 from rl.config import ConfigError, load_config
 from rl.loop import Controller
 from rl.records import Task

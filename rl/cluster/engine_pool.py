@@ -18,6 +18,7 @@ from collections.abc import Callable
 import ray
 
 from rl.cluster.placement import Placement
+from rl.cluster.ray_session import error_summary
 from rl.config import RunConfig
 from rollout.engine import EngineSpec, GenerationRequest, GenerationResult, RolloutEngine
 
@@ -26,13 +27,6 @@ log = logging.getLogger(__name__)
 
 class EngineStartError(RuntimeError):
     """A rollout engine did not come up; the message names the engine and the cause."""
-
-
-def error_summary(error: BaseException) -> str:
-    """The last line of a remote error's text: the exception itself, without the traceback."""
-    cause = getattr(error, "cause", None) or error
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(cause).__name__
 
 
 class EnginePool:

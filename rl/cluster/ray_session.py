@@ -43,6 +43,13 @@ def connect(address: str | None = None, verbose: bool = False) -> str:
     return f"joined the Ray cluster at {address} ({len(nodes)} nodes)"
 
 
+def error_summary(error: BaseException) -> str:
+    """The last line of a Ray error's text: the exception itself, without the remote traceback."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(cause).__name__
+
+
 def _check_reachable(address: str) -> None:
     """Fail in seconds, with one line, when nothing answers at a `host:port` address (Ray itself
     retries for minutes). `ray://` client addresses and `auto` are left to Ray."""

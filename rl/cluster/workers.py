@@ -1,24 +1,15 @@
-"""The Ray actors of a run, as four named pieces:
-
-    Placement      where each actor goes (rl/cluster/placement.py)
-    EnginePool     the rollout engines: start, restart, route requests (rl/cluster/engine_pool.py)
-    TrainerGroup   the trainer ranks: rendezvous, train, checkpoints (rl/cluster/trainer_group.py)
-    WeightSync     trainer -> engines, in place, per version (rl/weight_sync/sync.py)
-"""
+"""All the Ray actors of one run, started in order and stopped together."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rl.cluster.engine_pool import EnginePool, EngineStartError
+from rl.cluster.engine_pool import EnginePool
 from rl.cluster.placement import Placement
 from rl.cluster.trainer_group import TrainerGroup
 from rl.config import RunConfig
 from rl.trainer.parallel import check_layout
 from rl.weight_sync.sync import WeightSync
-
-__all__ = ["EnginePool", "EngineStartError", "Placement", "TrainerGroup", "WeightSync", "Workers"]
-
 
 @dataclass
 class Workers:

@@ -25,7 +25,11 @@ class PromptSampler:
         self._drawn = 0
 
     def reward_names(self) -> set[str]:
-        return {task.reward for task in self._pool if task.reward} if self._pool is not None else {"math"}
+        return {task.reward for task in self.tasks() if task.reward} if self._pool is not None else {"math"}
+
+    def tasks(self) -> list[Task]:
+        """The task pool (empty for the generator, whose tasks all have the same shape)."""
+        return list(self._pool or [])
 
     def sample(self, count: int) -> list[Task]:
         return [self._next() for _ in range(count)]

@@ -1,0 +1,148 @@
+"""Run checkpoints and exact resume: a run killed with SIGKILL and resumed ends exactly where an
+uninterrupted one does, and every way a resume can be wrong ends with one clear line."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_engine_failure import _processes_with_marker
+
+from rl.cli import main
+from rl.config import load_config
+from rl.loop import Controller
+from rl.run_checkpoint import CheckpointError, LoopState, RunCheckpoints
+
+OVERRIDES = [
+    "steps=4",
+    "seed=3",
+    "data.prompts_per_step=4",
+    "rollout.n_samples=4",
+    "data.eval_size=8",
+    "data.eval_every=2",
+    "trainer.micro_batch_size=4",
+    "checkpoint.every=2",
+]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timings, which are the one thing allowed to differ."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in row.items() if not key.startswith("time_")} for row in rows]
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rl.cli", "train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.integration
+def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, ray_cluster, tmp_path):
+    overrides = [*OVERRIDES, f"model.path={tiny_policy}"]
+    Controller(load_config(None, overrides), tmp_path / "whole").run(str(tiny_policy))
+
+    killed = tmp_path / "killed"
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "K2RL_TEST_RUN": marker}
+    run = subprocess.Popen([sys.executable, "-m", "rl.cli", "train", *overrides, f"--run-dir={killed}"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # Killed once step 3 is done: the checkpoint of step 2 is the latest, step 3 is lost.
+        deadline = time.monotonic() + 600
+        while not (killed / "metrics.jsonl").is_file() or '"step": 3' not in (killed / "metrics.jsonl").read_text():
+            assert run.poll() is None, run.stderr.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    # Ray's head processes die with the driver; its per-node agents and the engines' vLLM processes
+    # notice within about a minute.
+    deadline = time.monotonic() + 120
+    while _processes_with_marker(f"K2RL_TEST_RUN={marker}") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _processes_with_marker(f"K2RL_TEST_RUN={marker}"), "the killed run left processes behind"
+    assert [p.name for p in RunCheckpoints(killed, keep=2).completed()] == ["step-000002"]
+
+    resumed = _cli(f"--resume={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in (killed / "train.log").read_text()
+
+    assert _rows(killed) == _rows(tmp_path / "whole")
+    whole, again = (load_file(run / "final" / "model.safetensors") for run in (tmp_path / "whole", killed))
+    assert whole.keys() == again.keys()
+    assert all(whole[name].equal(again[name]) for name in whole)
+
+
+def _fake_checkpoint(checkpoints: RunCheckpoints, step: int, run_dir: Path) -> Path:
+    staging = checkpoints.staging(step)
+    (staging / "trainer" / "shard.bin").write_bytes(os.urandom(1024))
+    state = LoopState(step, step, {}, {}, 0, 0, "fingerprint")
+    return checkpoints.commit(staging, state, run_dir / "metrics.jsonl")
+
+
+def test_a_corrupt_or_unfinished_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    checkpoints = RunCheckpoints(tmp_path, keep=3)
+    first = _fake_checkpoint(checkpoints, 2, tmp_path)
+    second = _fake_checkpoint(checkpoints, 4, tmp_path)
+    checkpoints.staging(6)  # a crash while writing step 6: never renamed into place
+    with (second / "trainer" / "shard.bin").open("r+b") as shard:
+        shard.truncate(100)
+    with caplog.at_level(logging.WARNING):
+        path, state = checkpoints.latest()
+    assert (path, state.step) == (first, 2)
+    assert "never finished" in caplog.text and "shard.bin does not match the manifest" in caplog.text
+    (first / "loop.json").write_text("{")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        checkpoints.latest()
+
+
+def test_only_the_latest_checkpoints_are_kept(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        _fake_checkpoint(checkpoints, step, tmp_path)
+    assert [p.name for p in checkpoints.completed()] == ["step-000002", "step-000003"]
+
+
+def _resume_errors(capsys, *args: str) -> list[str]:
+    assert main(["train", *args]) == 2
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def _run_dir_with_checkpoint(tmp_path: Path, model: Path) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True)
+    config = load_config(None, [*OVERRIDES, f"model.path={model}"])
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    _fake_checkpoint(RunCheckpoints(run_dir, keep=2), 2, run_dir)
+    return run_dir
+
+
+def test_resume_refuses_what_it_cannot_do_in_one_line(tiny_policy, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _resume_errors(capsys, f"--resume={empty}") == [f"k2rl: error: --resume {empty}: no config.json there (not a k2rl run directory)"]
+
+    run_dir = _run_dir_with_checkpoint(tmp_path, tiny_policy)
+    shutil.rmtree(run_dir / "checkpoints")
+    assert _resume_errors(capsys, f"--resume={run_dir}") == [f"k2rl: error: --resume {run_dir}: it holds no checkpoint"]
+
+    run_dir = _run_dir_with_checkpoint(tmp_path / "b", tiny_policy)
+    [line] = _resume_errors(capsys, f"--resume={run_dir}", "trainer.lr=1e-3")
+    assert line.startswith("k2rl: error: --resume cannot change trainer.lr")
+    # The fake checkpoint's fingerprint is not the model's: refused before any process starts.
+    [line] = _resume_errors(capsys, f"--resume={run_dir}", "steps=6", "trainer.data_parallel_size=1")
+    assert line.startswith("k2rl: error: checkpoint ") and "different model" in line
+
+
+def test_a_ray_address_that_does_not_answer_is_one_line(tiny_policy, tmp_path, capsys):
+    errors = _resume_errors(capsys, f"model.path={tiny_policy}", "--ray-address=127.0.0.1:9", f"--run-dir={tmp_path}")
+    assert errors == [errors[0]] and errors[0].startswith("k2rl: error: no Ray cluster answers at 127.0.0.1:9")
