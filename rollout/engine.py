@@ -74,6 +74,9 @@ class RolloutEngine:
     def __init__(self, spec: EngineSpec):
         # vLLM's legacy variable would silently override rollout.kv_cache_gib; an empty value crashes it.
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        # vLLM's own process group would otherwise use the machine's network address; the node's
+        # address keeps it where Ray put the node (loopback for a run's own local cluster).
+        os.environ["VLLM_HOST_IP"] = _node_address()
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -260,3 +263,9 @@ def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()
+
+
+def _node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

@@ -31,6 +31,7 @@ def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster,
     checks = []
 
     def compare_logprobs(step, workers):
+        assert not non_loopback_connections(), "a run's own cluster must keep its traffic on loopback"
         sequence = probe + [20, 21, 22, 23]
         engine = torch.tensor(workers.engines.sequence_logprobs(0, sequence))
         trainer = torch.tensor(workers.trainers.logprobs(sequence))
@@ -55,6 +56,28 @@ def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster,
     assert (tmp_path / "run" / "reward.png").stat().st_size > 0
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     _check_final_checkpoint(tmp_path / "run" / "final", ray_cluster)
+
+
+def non_loopback_connections() -> list:
+    """TCP and UDP sockets of this process and everything it started (Ray, engines, trainer ranks)
+    that talk to, or listen on, an address off loopback."""
+    import ipaddress
+
+    import psutil
+
+    def off_loopback(address) -> bool:
+        if not address or address.ip in ("0.0.0.0", "::"):
+            return False
+        ip = ipaddress.ip_address(address.ip.split("%")[0])
+        return not (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+    found = []
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            found += [(process.pid, c.laddr, c.raddr) for c in process.net_connections("inet") if off_loopback(c.laddr) or off_loopback(c.raddr)]
+        except psutil.Error:
+            continue
+    return found
 
 
 def _check_final_checkpoint(final_dir, ray_cluster):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -11,6 +12,9 @@ import ray
 from rl.config import ConfigError
 
 _RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+# A run's own cluster is one machine, and all its traffic stays on loopback. Not 127.0.0.1: Ray
+# replaces that address (and "localhost") with the machine's network address.
+LOCAL_NODE_ADDRESS = "127.0.0.2"
 _CONNECT_TIMEOUT_S = 10.0
 
 
@@ -26,8 +30,7 @@ def connect(address: str | None = None, verbose: bool = False) -> str:
     if not address or address == "local":
         ray.init(
             address="local",
-            # A run's own cluster is one machine: everything stays on loopback.
-            _node_ip_address="127.0.0.1",
+            _node_ip_address=LOCAL_NODE_ADDRESS,
             include_dashboard=False,
             object_store_memory=256 * 1024**2,
             runtime_env=_RUNTIME_ENV,
@@ -36,7 +39,7 @@ def connect(address: str | None = None, verbose: bool = False) -> str:
         return "started a local Ray cluster"
     _check_reachable(address)
     try:
-        ray.init(address=address, runtime_env=_RUNTIME_ENV, **quiet)
+        ray.init(address=address, runtime_env=_RUNTIME_ENV, **quiet, **_attach_to(address))
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot join the Ray cluster at {address}: {str(error).strip().splitlines()[-1]}") from None
     nodes = [node for node in ray.nodes() if node["Alive"]]
@@ -48,6 +51,18 @@ def error_summary(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
     lines = [line for line in str(cause).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(cause).__name__
+
+
+def _attach_to(address: str) -> dict:
+    """A cluster joined at a loopback address (a head started on this machine with
+    `--node-ip-address=127.0.0.N`): the driver attaches to that node, by its address. Elsewhere Ray
+    finds the driver's node by the route to the head."""
+    host = address.rpartition(":")[0]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return {}
+    return {"_node_ip_address": host} if loopback else {}
 
 
 def _check_reachable(address: str) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+import ray
 
 from rl.cluster.engine_pool import EnginePool
 from rl.cluster.placement import Placement
@@ -10,6 +13,8 @@ from rl.cluster.trainer_group import TrainerGroup
 from rl.config import RunConfig
 from rl.trainer.parallel import check_layout
 from rl.weight_sync.sync import WeightSync
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Workers:
@@ -40,7 +45,16 @@ class Workers:
             for piece in reversed(started):
                 _stop(piece)
             raise
-        return cls(placement, engines, trainers, weight_sync)
+        workers = cls(placement, engines, trainers, weight_sync)
+        log.info("placement: %s", workers.describe())
+        return workers
+
+    def describe(self) -> str:
+        """Which node each trainer rank and engine runs on, by node address."""
+        addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        ranks = ", ".join(addresses.get(node, node[:8]) for node in self.trainers.node_ids())
+        engines = ", ".join(addresses.get(node, node[:8]) for node in self.engines.node_ids())
+        return f"trainer ranks on [{ranks}], engines on [{engines}]"
 
     def shutdown(self) -> None:
         for piece in (self.trainers, self.engines, self.placement):
