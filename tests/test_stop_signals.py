@@ -1,0 +1,74 @@
+"""Ctrl-C or SIGTERM: the current step finishes, a checkpoint is written, the run exits and can be
+resumed; a second signal stops it at once. Either way no process is left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from test_engine_failure import _processes_with_marker
+
+from rl.run_checkpoint import RunCheckpoints
+
+pytestmark = pytest.mark.integration
+
+
+def _start(tiny_policy, run_dir: Path, marker: str) -> subprocess.Popen:
+    # A session of its own: the signal reaches the run's process group, as Ctrl-C in a terminal does.
+    return subprocess.Popen(
+        [sys.executable, "-m", "rl.cli", "train", f"model.path={tiny_policy}", "steps=50", "data.prompts_per_step=4",
+         "rollout.n_samples=4", "data.eval_size=4", "data.eval_every=100", "trainer.micro_batch_size=4",
+         "checkpoint.every=0", f"--run-dir={run_dir}"],
+        env={**os.environ, "K2RL_TEST_RUN": marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while not (run_dir / "metrics.jsonl").is_file() or f'"step": {step},' not in (run_dir / "metrics.jsonl").read_text():
+        assert run.poll() is None, run.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def _no_leftovers(marker: str) -> None:
+    deadline = time.monotonic() + 120
+    while _processes_with_marker(f"K2RL_TEST_RUN={marker}") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _processes_with_marker(f"K2RL_TEST_RUN={marker}")
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits(tiny_policy, tmp_path):
+    marker, run_dir = uuid.uuid4().hex, tmp_path / "run"
+    run = _start(tiny_policy, run_dir, marker)
+    _wait_for_step(run_dir, 1, run)
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    [checkpoint] = RunCheckpoints(run_dir, keep=2).completed()
+    stopped = int(checkpoint.name.removeprefix("step-"))
+    assert f"stopped after step {stopped} with a checkpoint; continue with: k2rl train --resume {run_dir}" in out
+    assert stopped < 50 and "SIGINT: finishing this step" in (run_dir / "train.log").read_text()
+    _no_leftovers(marker)
+
+
+def test_a_second_sigterm_stops_at_once(tiny_policy, tmp_path):
+    marker, run_dir = uuid.uuid4().hex, tmp_path / "run"
+    run = _start(tiny_policy, run_dir, marker)
+    _wait_for_step(run_dir, 1, run)
+    run.send_signal(signal.SIGTERM)
+    # A second signal sent before the first is handled would merge with it.
+    deadline = time.monotonic() + 60
+    while "SIGTERM: finishing this step" not in (run_dir / "train.log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=300)
+    errors = [line for line in err.splitlines() if line.startswith("k2rl: error:")]
+    assert run.returncode == 2 and errors == [f"k2rl: error: interrupted; outputs so far are in {run_dir}"], err[-3000:]
+    _no_leftovers(marker)
