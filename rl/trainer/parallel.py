@@ -4,9 +4,14 @@ The ranks form a 2-D device mesh ("dp", "tp"); rank r sits at (r // tp, r % tp),
 the tp ranks of one data-parallel replica are consecutive and must all train on the
 same data shard. Tensor parallelism splits every attention and MLP block over "tp"
 (column-parallel in, row-parallel out: one activation all-reduce per block forward and
-one backward) and the vocabulary of the embedding and the output head. FSDP2 then
-shards every parameter over "dp". With tp == 1 the tensor-parallel plan is skipped:
-the same mesh, FSDP2 alone.
+one backward) and the vocabulary of the embedding and the output head: the logprobs come
+from a vocabulary-parallel log-softmax (rl/trainer/logprobs.py), never from gathered logits.
+FSDP2 then shards every parameter over "dp". With tp == 1 the tensor-parallel plan is
+skipped: the same mesh, FSDP2 alone.
+
+Tied input and output embeddings stay one parameter: the embedding and the head split the
+same [vocabulary, hidden] matrix by rows, so one DTensor serves both, and FSDP2 and the
+optimizer see it once.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import PretrainedConfig
 
 from rl.config import ConfigError, TrainerConfig
 
-# Qwen2 attention reshapes its projections with -1 heads, so each rank simply runs its
-# local heads; the output head gathers the full logits for the loss.
+# Llama/Qwen attention reshapes its projections with -1 heads, so each rank simply runs its
+# local heads. The output head's rows (one per vocabulary entry) are split like the embedding's;
+# its module is never called, the chunked logprob forward takes its weight (rl/trainer/logprobs.py).
 _MEGATRON_PLAN = {
     "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
     "model.layers.*.self_attn.q_proj": ColwiseParallel(),
@@ -32,8 +38,14 @@ _MEGATRON_PLAN = {
     "model.layers.*.mlp.gate_proj": ColwiseParallel(),
     "model.layers.*.mlp.up_proj": ColwiseParallel(),
     "model.layers.*.mlp.down_proj": RowwiseParallel(),
-    "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    "lm_head": ColwiseParallel(),
 }
+
+# Qwen3 normalises each head's query and key with one weight shared by all heads. A rank's input to
+# these norms holds its own heads only: marked as split over the heads dimension of
+# [batch, seq, heads, head_dim], the weight's gradient (a sum over heads) is summed over the tp ranks.
+_PER_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+_HEADS_DIMENSION = 2
 
 # Each of these is split into tensor_parallel_size equal parts. The vocabulary need not divide:
 # the embedding and the head take uneven shards (DTensor gives the last ranks one row fewer).
@@ -97,13 +109,18 @@ def _replicate_remaining_parameters(model: nn.Module, tp_mesh: DeviceMesh) -> No
     ones, and gradient clipping and the optimizers cannot combine DTensors of two meshes.
     The module still sees and returns plain activations.
     """
-    for module in model.modules():
+    for name, module in model.named_modules():
         if any(not isinstance(param, DTensor) for param in module.parameters(recurse=False)):
-            distribute_module(module, tp_mesh, input_fn=_replicated_inputs, output_fn=_local_output)
+            per_head = name.endswith(_PER_HEAD_NORMS)
+            input_placement = Shard(_HEADS_DIMENSION) if per_head else Replicate()
+            distribute_module(module, tp_mesh, input_fn=_inputs_as_dtensors(input_placement), output_fn=_local_output)
 
 
-def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-    return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
+def _inputs_as_dtensors(placement: Placement):
+    def as_dtensors(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        return tuple(DTensor.from_local(x, mesh, [placement], run_check=False) for x in inputs)
+
+    return as_dtensors
 
 
 def _local_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> Tensor:

@@ -11,6 +11,15 @@ embedding rotates each head as a whole and commutes with the scaling.
 With grouped-query attention a key head is shared: it is scaled by sqrt of the smallest
 gamma in its group and each query head by its own gamma divided by that, which gives
 every head exactly its gamma (with one key head per query head: sqrt(gamma) on each side).
+
+Qwen3 normalises every head's query and key (q_norm, k_norm: RMSNorm over head_dim, one
+weight shared by all heads of a layer) after the projections. A per-head scale of W_q or
+W_k is undone by that norm, so the logits can only be scaled through the norm weights,
+which act on all heads of the layer at once: such a layer is clipped as a whole, by the
+smallest gamma of its heads, with q_norm and k_norm each scaled by sqrt(gamma_min). The
+head with the largest logit lands exactly on the threshold, the others shrink by the same
+factor (more than they need to). The rotary embedding comes after the norms and commutes
+with a scalar scale.
 """
 
 from __future__ import annotations
@@ -86,6 +95,7 @@ class QKClip:
         self.attentions = [layer.self_attn for layer in model.model.layers]
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = self.attentions[0].head_dim
+        self.per_head_norms = hasattr(self.attentions[0], "q_norm")
         # Tensor parallelism gives each rank a contiguous block of heads.
         heads_per_rank = self.num_heads // mesh["tp"].size()
         first = mesh["tp"].get_local_rank() * heads_per_rank
@@ -121,6 +131,11 @@ class QKClip:
         return maxima
 
     def _rescale(self, attention: nn.Module, gamma: Tensor) -> None:
+        if self.per_head_norms:
+            root = gamma.min().sqrt().item()
+            attention.q_norm.weight.mul_(root)
+            attention.k_norm.weight.mul_(root)
+            return
         groups = self.num_heads // self.num_kv_heads
         key_scale = gamma.view(self.num_kv_heads, groups).amin(dim=1).sqrt()
         query_scale = gamma / key_scale.repeat_interleave(groups)

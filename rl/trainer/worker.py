@@ -11,6 +11,8 @@ shard of the batch (the tp ranks of a group on the same shard):
 
 Parameters and optimizer state are float32 (master weights); with `model.dtype` bfloat16 or
 float16 the forward and backward compute in that dtype (FSDP2 mixed precision), as the engines do.
+Logprobs come from the final hidden states `trainer.logprob_chunk_size` positions at a time
+(rl/trainer/logprobs.py): no micro-batch's whole-vocabulary logits are ever held.
 
 `train`, `sequence_logprobs`, `broadcast_weights`, `save_model` and `save_state`/`load_state` are
 collectives: all ranks must call them, with the same arguments except for the data shard given
@@ -35,7 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rl.config import TrainerConfig
 from rl.records import TrainSample
-from rl.trainer.logprobs import token_logprobs
+from rl.trainer.logprobs import PolicyLogprobs
 from rl.trainer.loss import k2_policy_loss
 from rl.trainer.optim import MuonWithAdamW
 from rl.trainer.parallel import build_mesh, check_layout, shard_model, whole
@@ -57,11 +59,14 @@ class TrainerWorker:
         self.model_path = model_path
         self.compute_dtype = getattr(torch, dtype)
         # Master weights stay in float32 whatever the compute dtype.
-        model = _load_or_skeleton(model_path, read_weights=rank == 0)
-        model.config.use_cache = False
+        causal_lm = _load_or_skeleton(model_path, read_weights=rank == 0)
+        causal_lm.config.use_cache = False
         # Before any process group exists, so that a bad layout leaves nothing to clean up.
-        check_layout(config, world_size, model.config)
-        self.model = model
+        check_layout(config, world_size, causal_lm.config)
+        # The Hugging Face model, for what only it does (tying weights, choosing the attention
+        # implementation, saving); `model` holds the same parameters, and is what trains.
+        self.causal_lm = causal_lm
+        self.model = PolicyLogprobs(causal_lm, config.logprob_chunk_size)
         self.seed = seed
         use_cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -95,12 +100,12 @@ class TrainerWorker:
         else:
             model.to_empty(device=self.device)
             # `to_empty` gives every parameter new storage, which unties tied embeddings.
-            model.tie_weights()
+            self.causal_lm.tie_weights()
         with torch.no_grad():
             # The checkpoint is read from disk once: the other ranks get it from rank 0.
             for tensor in _unique([*model.parameters(), *model.buffers()]):
                 dist.broadcast(tensor, src=0)
-        self.qk_clip = QKClip(model, self.config.qk_clip_threshold, mesh) if self.config.qk_clip_threshold > 0 else None
+        self.qk_clip = QKClip(self.causal_lm, self.config.qk_clip_threshold, mesh) if self.config.qk_clip_threshold > 0 else None
         shard_model(model, mesh, self.compute_dtype)
         self.optimizer = MuonWithAdamW(model, self.config)
 
@@ -209,8 +214,7 @@ class TrainerWorker:
         return tuple(tensor.to(self.device) for tensor in tensors)
 
     def _token_logprobs(self, input_ids: torch.Tensor, attention: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-        return token_logprobs(logits, input_ids, temperatures)
+        return self.model(input_ids, attention, temperatures)
 
     def train(self, samples: list[TrainSample]) -> dict[str, float]:
         """One batch (this data-parallel group's shard): pi_old recompute, then `optimizer_steps_per_batch` updates.
@@ -301,8 +305,8 @@ class TrainerWorker:
             if self.rank == 0:
                 state[name] = tensor.detach().to(self.compute_dtype).clone()
         if self.rank == 0:
-            self.model.config.torch_dtype = self.compute_dtype
-            self.model.save_pretrained(out_dir, state_dict=state)
+            self.causal_lm.config.torch_dtype = self.compute_dtype
+            self.causal_lm.save_pretrained(out_dir, state_dict=state)
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
 
     def save_state(self, directory: str) -> None:
@@ -339,10 +343,17 @@ def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _interface_of(address: str) -> str:
-    """The network interface that holds `address` ("lo" for a loopback address), or "" if none does."""
+    """The network interface whose network holds `address` ("lo" for any 127.x address), or "" if none does."""
+    import ipaddress
+    import socket
+
     import psutil
 
+    target = ipaddress.ip_address(address)
     for name, addresses in psutil.net_if_addrs().items():
-        if any(item.address == address for item in addresses):
-            return name
+        for item in addresses:
+            if item.family in (socket.AF_INET, socket.AF_INET6) and item.netmask:
+                network = ipaddress.ip_network(f"{item.address.split('%')[0]}/{item.netmask}", strict=False)
+                if target in network:
+                    return name
     return ""
