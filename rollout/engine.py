@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from rl.weight_sync.transport import BucketReader, WeightSyncError, WeightUpdate
 
 WORKER_EXTENSION = "rl.weight_sync.engine_loader.WeightSyncLoader"
+# Tokens one engine step may prefill (the engines' scheduler budget).
+_PREFILL_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class RolloutEngine:
                 logprobs_mode="processed_logprobs",
                 # Turns of one episode share their prefix; the cache is reset on every update.
                 enable_prefix_caching=True,
+                # A prompt is prefilled whole: on CPU, vLLM cannot rewind a seeded request's random
+                # generator after a partial prefill, so seeded requests and chunked prefill do not mix.
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(spec.max_model_len, _PREFILL_TOKENS),
                 disable_log_stats=True,
                 enforce_eager=spec.enforce_eager,
                 # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would

@@ -95,20 +95,23 @@ class Episode:
                 if result.finish_reason == "abort":
                     t.status = EpisodeStatus.PARTIAL
                     return t
-                if result.finish_reason == "length":
-                    t.response_text = ctx.renderer.decode(t.response_ids[self._turn_start:])
-                    return self._end(EpisodeStatus.TRUNCATED, "length")
                 action = ctx.renderer.decode(t.response_ids[self._turn_start:])
                 t.response_text = action
                 t.messages.append({"role": "assistant", "content": action})
                 self._turns += 1
+                if result.finish_reason == "length":
+                    return self._end(EpisodeStatus.TRUNCATED, "length")
                 observation, reward, terminated, truncated, _ = await self._step(action)
                 t.env_reward += reward
                 if terminated:
                     return self._end(EpisodeStatus.COMPLETED, t.finish_reason)
                 if truncated:
                     return self._end(EpisodeStatus.TRUNCATED, "environment")
-                t.append("environment", ctx.renderer.bridge(observation))
+                bridge = ctx.renderer.bridge(observation)
+                if len(t.prompt_ids) + len(t.response_ids) + len(bridge) >= self.settings.max_model_len:
+                    # No room for the policy to answer: the episode ends here, without the turn it cannot use.
+                    return self._end(EpisodeStatus.TRUNCATED, "length")
+                t.append("environment", bridge)
                 t.messages += observation
                 self._turn_start = len(t.response_ids)
         except EnvironmentFailure as failure:

@@ -1,0 +1,112 @@
+"""The rollout layer on real engines: multi-turn episodes token by token, and engines that die."""
+
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+import torch
+
+from rewards import RewardScorer
+from rl.cluster.workers import Workers
+from rl.config import load_config
+from rl.records import EpisodeStatus, Task
+from rollout.engine import EngineSpec, RolloutEngine
+from rollout.manager import RolloutManager
+from rollout.rendering import Renderer
+
+pytestmark = pytest.mark.integration
+
+GAME = Task("game", (), "game", reward="", env="guess-number", env_kwargs={"max_value": 1000})
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_policy, ray_cluster):
+    config = load_config(None, [
+        f"model.path={tiny_policy}", "trainer.data_parallel_size=1", "rollout.max_turns=4",
+        "rollout.token_budgets.game=120", "rollout.max_model_len=256",
+    ])
+    started = Workers.start(config, str(tiny_policy))
+    started.weight_sync.push(0)
+    yield config, started
+    started.shutdown()
+
+
+def _manager(config, workers, tiny_policy) -> RolloutManager:
+    return RolloutManager(config, workers.engines, Renderer.from_pretrained(str(tiny_policy)), RewardScorer(0))
+
+
+def test_a_multi_turn_episode_is_exactly_what_the_engine_and_the_environment_wrote(workers, tiny_policy):
+    config, started = workers
+    renderer = Renderer.from_pretrained(str(tiny_policy))
+    manager = _manager(config, started, tiny_policy)
+    try:
+        trajectories = manager.collect([GAME] * 8, step=1).trajectories
+    finally:
+        manager.close()
+    # The engine scores a sequence with room for one more token: one shorter than max_model_len.
+    scorable = [t for t in trajectories if len(t.prompt_ids) + len(t.response_ids) < config.rollout.max_model_len]
+    episode = max(scorable, key=lambda t: len(t.turns))
+    assert len(episode.turns) >= 3, "the test needs an episode with an environment turn between two of the policy's"
+    assert {t.status for t in trajectories} <= {EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED}
+    assert episode.prompt_ids == renderer.prompt(episode.messages[:1])
+    assert len(episode.response_ids) == len(episode.loss_mask) == len(episode.logprobs) == len(episode.versions)
+    replies = [m for m in episode.messages if m["role"] == "assistant"]
+    observations = [m for m in episode.messages[1:] if m["role"] != "assistant"]
+    for index, turn in enumerate(episode.turns):
+        tokens = episode.response_ids[turn.start : turn.end]
+        mask = episode.loss_mask[turn.start : turn.end]
+        if turn.role == "assistant":
+            assert set(mask) == {1} and set(episode.versions[turn.start : turn.end]) == {0}
+            assert renderer.decode(tokens) == replies[index // 2]["content"]
+            assert tokens[-1] == renderer.eos_token_id or turn is episode.turns[-1]
+        else:
+            # The environment's turn is the chat template's delta, appended as is, with mask 0.
+            assert tokens == renderer.bridge([observations[index // 2]])
+            assert set(mask) == {0} and set(episode.logprobs[turn.start : turn.end]) == {0.0}
+    # The engine scores the whole sequence as it sampled it, and so does the trainer.
+    sequence = episode.prompt_ids + episode.response_ids
+    engine = torch.tensor(started.engines.sequence_logprobs(0, sequence))
+    trainer = torch.tensor(started.trainers.logprobs(sequence))
+    generated = torch.tensor(episode.loss_mask, dtype=torch.bool)
+    positions = slice(len(episode.prompt_ids) - 1, len(sequence) - 1)
+    rollout = torch.tensor(episode.logprobs)
+    assert (engine[positions][generated] - rollout[generated]).abs().max() < 1e-4
+    assert (trainer[positions][generated] - rollout[generated]).abs().max() < 1e-3
+
+
+def test_an_engine_killed_mid_rollout_loses_no_episode(workers, tiny_policy):
+    config, started = workers
+    manager = _manager(config, started, tiny_policy)
+    restarts = started.engines.restarts[0]
+    killed = threading.Event()
+
+    def kill_soon():
+        time.sleep(1.0)
+        ray.kill(started.engines.engines[0])
+        killed.set()
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    try:
+        rollout = manager.collect([GAME] * 16, step=2)
+    finally:
+        killer.join()
+        manager.close()
+    assert killed.is_set() and started.engines.restarts[0] == restarts + 1
+    assert set(rollout.groups) == {f"2-{i}" for i in range(16)}
+    assert all(sorted(t.sample_index for t in group) == list(range(config.rollout.n_samples)) for group in rollout.groups.values())
+    assert all(t.status in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED) for t in rollout.trajectories)
+
+
+def test_killing_an_engine_leaves_no_engine_core_process(tiny_policy, ray_cluster):
+    engine = ray.remote(num_cpus=0)(RolloutEngine).remote(EngineSpec(str(tiny_policy), "float32", 256, 1, 0, True))
+    ray.get(engine.ready.remote())
+    children = ray.get(engine.engine_core_pids.remote())
+    assert children, "vLLM runs its engine core in a child process of the actor"
+    ray.kill(engine)
+    deadline = time.monotonic() + 60
+    while any(psutil.pid_exists(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in children if psutil.pid_exists(pid)]
