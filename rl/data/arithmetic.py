@@ -1,5 +1,19 @@
 """The built-in task generator: integer word problems (addition, subtraction, multiplication)
-that the embedded default policy is bootstrapped and trained on."""
+that the embedded default policy is bootstrapped and trained on.
+
+Each problem is of one kind, by operation and operand size, and each kind has a difficulty
+(`Task.difficulty`), easy to hard; the order is a rough prior for curriculum sampling, and
+prioritised sampling measures what is actually hard for the policy:
+
+    add      a + b,   a, b in 2..60                      difficulty 1
+    sub      a - b,   a in 10..99, b in 1..a              difficulty 2
+    mul      a * b,   a in 2..12, b in 2..9               difficulty 3
+    mul-2x2  a * b,   a, b in 10..99                      difficulty 4 (only with a hard fraction)
+
+By default the first three are equally likely. With `hard_fraction` > 0 that share of the
+problems are 2-digit x 2-digit multiplications, an easy-and-hard mix; at 0 the generator draws
+exactly the problems it always has, so the default run is unchanged.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +24,10 @@ from typing import Iterator
 from rl.records import Task
 
 ARITHMETIC_TASK_TYPE = "arithmetic"
+
+DEFAULT_KINDS = ("add", "sub", "mul")
+HARD_KIND = "mul-2x2"
+ARITHMETIC_DIFFICULTY = {"add": 1.0, "sub": 2.0, "mul": 3.0, HARD_KIND: 4.0}
 
 _NAMES = ("Tom", "Ana", "Li", "Sam", "Mia", "Raj", "Eva", "Ben", "Zoe", "Omar")
 _ITEMS = ("apples", "coins", "books", "pens", "cards", "stones", "shells", "stamps")
@@ -22,6 +40,12 @@ class ArithmeticProblem:
     op: str
     b: int
     answer: int
+
+    @property
+    def kind(self) -> str:
+        if self.op == "*":
+            return HARD_KIND if self.b >= 10 else "mul"
+        return "add" if self.op == "+" else "sub"
 
     def direct_solution(self) -> str:
         return f"The answer is \\boxed{{{self.answer}}}."
@@ -46,10 +70,44 @@ class ArithmeticProblem:
         return f"{steps}. The answer is \\boxed{{{self.answer}}}."
 
 
-def arithmetic_problem(rng: random.Random) -> ArithmeticProblem:
-    """One integer word problem: an addition, a subtraction or a multiplication."""
+def arithmetic_problem(rng: random.Random, hard_fraction: float = 0.0) -> ArithmeticProblem:
+    """One integer word problem of a kind drawn from the mix (see the module docstring)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    kind = rng.choice(("add", "sub", "mul"))
+    # No draw for the hard share when it is off: the default stream of problems stays as it was.
+    if hard_fraction > 0 and rng.random() < hard_fraction:
+        kind = HARD_KIND
+    else:
+        kind = rng.choice(DEFAULT_KINDS)
+    return _problem(rng, kind, name, item)
+
+
+def arithmetic_problem_of_kind(rng: random.Random, kind: str) -> ArithmeticProblem:
+    """One word problem of the given kind, for samplers that choose the kind themselves."""
+    if kind not in ARITHMETIC_DIFFICULTY:
+        raise ValueError(f"unknown arithmetic problem kind {kind!r} (known: {', '.join(ARITHMETIC_DIFFICULTY)})")
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    return _problem(rng, kind, name, item)
+
+
+def arithmetic_mix(hard_fraction: float) -> dict[str, float]:
+    """Each kind's share of the generated problems."""
+    if not 0 <= hard_fraction <= 1:
+        raise ValueError(f"data.arithmetic_hard_fraction must be in [0, 1], got {hard_fraction}")
+    mix = {kind: (1 - hard_fraction) / len(DEFAULT_KINDS) for kind in DEFAULT_KINDS}
+    if hard_fraction > 0:
+        mix[HARD_KIND] = hard_fraction
+    return {kind: share for kind, share in mix.items() if share > 0}
+
+
+def arithmetic_kind(task: Task) -> str:
+    """The kind of a generated task, read back from its difficulty."""
+    for kind, difficulty in ARITHMETIC_DIFFICULTY.items():
+        if task.difficulty == difficulty and task.task_type == ARITHMETIC_TASK_TYPE:
+            return kind
+    raise ValueError(f"task {task.task_id!r} is not a generated arithmetic task (difficulty {task.difficulty})")
+
+
+def _problem(rng: random.Random, kind: str, name: str, item: str) -> ArithmeticProblem:
     if kind == "add":
         a, b = rng.randint(2, 60), rng.randint(2, 60)
         question = f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?"
@@ -59,7 +117,10 @@ def arithmetic_problem(rng: random.Random) -> ArithmeticProblem:
         b = rng.randint(1, a)
         question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
         return ArithmeticProblem(question, a, "-", b, a - b)
-    a, b = rng.randint(2, 12), rng.randint(2, 9)
+    if kind == "mul":
+        a, b = rng.randint(2, 12), rng.randint(2, 9)
+    else:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
     question = f"{name} has {a} bags with {b} {item} in each. How many {item} are there in total?"
     return ArithmeticProblem(question, a, "*", b, a * b)
 
@@ -72,6 +133,7 @@ def arithmetic_task(problem: ArithmeticProblem, task_id: str) -> Task:
         reward="math",
         # The answer must be a number: "54 - 18" would otherwise leave the arithmetic to the checker.
         reward_spec={"answer": str(problem.answer), "require_number": True},
+        difficulty=ARITHMETIC_DIFFICULTY[problem.kind],
     )
 
 
