@@ -35,6 +35,24 @@ class ModelConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    # Easy first (K1.5): after s steps the easiest max(start_fraction, s / steps) of the tasks (by
+    # their difficulty; the arithmetic generator: its kinds) may be drawn. 0 steps: off.
+    steps: int = 0
+    start_fraction: float = 0.25
+
+
+@dataclass
+class PrioritizedConfig:
+    # K1.5: each task drawn with probability proportional to max(1 - its running success rate, floor)
+    # (the arithmetic generator: per kind of problem).
+    enabled: bool = False
+    floor: float = 0.05
+    # Weight of a step's results in the running success rate.
+    smoothing: float = 0.5
+
+
+@dataclass
 class DataConfig:
     # Task files: JSONL, Parquet, or a saved Hugging Face dataset directory; empty means the
     # built-in arithmetic task generator.
@@ -46,12 +64,28 @@ class DataConfig:
     prompts_per_step: int = 16
     eval_size: int = 200
     eval_every: int = 10
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    prioritized: PrioritizedConfig = field(default_factory=PrioritizedConfig)
+    # The arithmetic generator: this share of its problems are 2-digit x 2-digit multiplications
+    # (0: its usual mix of additions, subtractions and small multiplications).
+    arithmetic_hard_fraction: float = 0.0
+
+
+@dataclass
+class PartialRolloutConfig:
+    # K2 partial rollout: once the engines have generated this many tokens in a step, unfinished
+    # episodes pause and resume in the next step; 0 turns it off.
+    max_tokens_per_step: int = 0
+    # A paused group whose oldest token is more than this many weight versions old starts over.
+    max_staleness: int = 2
 
 
 @dataclass
 class RolloutConfig:
     n_samples: int = 8
-    temperature: float = 1.0
+    # A number, or a decaying schedule (K2): {schedule: constant|linear|cosine|exponential, start,
+    # end, steps}; see rollout/temperature.py.
+    temperature: float | dict[str, float | str] = 1.0
     top_p: float = 1.0
     # K2 budget control: the maximum response tokens per task type.
     token_budgets: dict[str, int] = field(default_factory=lambda: {"arithmetic": 48})
@@ -76,6 +110,7 @@ class RolloutConfig:
     # Ray actors that run environments with plain (blocking) reset/step, started on first need;
     # `async def` environments run in the driver's event loop.
     env_workers: int = 2
+    partial: PartialRolloutConfig = field(default_factory=PartialRolloutConfig)
     # "disaggregated": engines and trainer ranks on devices of their own. "colocated": engine i and
     # trainer rank i share device i, taking turns (on GPU the engines sleep, vLLM sleep mode, while
     # the trainer works, and the trainer offloads to host memory while they generate). On CPU both
@@ -102,6 +137,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class LengthRewardConfig:
+    # K1.5 length reward (rewards/length.py): within each group, up to +-0.5 x weight for short or
+    # long responses (wrong ones are only penalised); 0: off.
+    weight: float = 0.0
+    # No length reward during the first this many steps.
+    warmup_steps: int = 0
+
+
+@dataclass
 class RewardConfig:
     # A response cut at its token budget gets this instead of its reward.
     budget_penalty: float = 0.0
@@ -109,6 +153,7 @@ class RewardConfig:
     # A reward that raises leaves its response out of training; past this share of all responses
     # scored so far, the run stops.
     max_error_frac: float = 0.05
+    length: LengthRewardConfig = field(default_factory=LengthRewardConfig)
 
 
 @dataclass
@@ -116,8 +161,18 @@ class TrainerConfig:
     # The trainer ranks form a data_parallel_size x tensor_parallel_size mesh.
     data_parallel_size: int = 2
     tensor_parallel_size: int = 1
+    # The policy objective (rl/trainer/losses.py): "k2" (the K1.5/K2 squared objective), "grpo" or "ppo-clip".
+    loss: str = "k2"
     # tau of the K1.5/K2 objective: weight of the log-ratio penalty.
     tau: float = 0.1
+    # grpo / ppo-clip: the ratio pi_theta / pi_old is clipped to [1 - clip_low, 1 + clip_high].
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    # grpo / ppo-clip: weight of a k3 estimate of KL(pi_theta || pi_rollout); 0: off.
+    kl_coef: float = 0.0
+    # grpo / ppo-clip: cap of the importance weight pi_old / pi_rollout on tokens an older weight
+    # version generated (partial rollout); with k2 such tokens stay out of the loss.
+    tis_cap: float = 2.0
     # One learning rate for both optimizers: Muon's update is scaled to AdamW's RMS.
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -131,6 +186,12 @@ class TrainerConfig:
     # QK-Clip (MuonClip): after each update, shrink the query/key projections of any head
     # whose largest attention logit exceeded this; 0 turns it off.
     qk_clip_threshold: float = 0.0
+
+    def loss_settings(self):
+        """The loss's knobs (rl/trainer/losses.py); a bad value raises ValueError naming its key."""
+        from rl.trainer.losses import LossSettings
+
+        return LossSettings(tau=self.tau, clip_low=self.clip_low, clip_high=self.clip_high, kl_coef=self.kl_coef, tis_cap=self.tis_cap)
 
 
 @dataclass
@@ -187,6 +248,10 @@ class RunConfig:
         for key, value in (("weight_sync.bucket_mb", self.weight_sync.bucket_mb), ("weight_sync.timeout_s", self.weight_sync.timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value:g}")
+        if self.rollout.partial.max_tokens_per_step < 0:
+            raise ConfigError(f"rollout.partial.max_tokens_per_step must be >= 0 (0 is off), got {self.rollout.partial.max_tokens_per_step}")
+        if self.rollout.partial.max_staleness < 0:
+            raise ConfigError(f"rollout.partial.max_staleness must be >= 0, got {self.rollout.partial.max_staleness}")
         if self.checkpoint.every < 0:
             raise ConfigError(f"checkpoint.every must be >= 0 (0: only when stopped), got {self.checkpoint.every}")
         if not 0 <= self.reward.max_error_frac <= 1:
@@ -197,8 +262,7 @@ class RunConfig:
             raise ConfigError(f"rollout.max_engine_restarts must be >= 0, got {self.rollout.max_engine_restarts}")
         if self.rollout.placement not in ("disaggregated", "colocated"):
             raise ConfigError(f"rollout.placement must be disaggregated or colocated, got {self.rollout.placement!r}")
-        if self.rollout.temperature <= 0:
-            raise ConfigError(f"rollout.temperature must be > 0 for sampling K responses, got {self.rollout.temperature}")
+        self._check_recipe()
         if self.rollout.top_p != 1.0:
             # The trainer's logprobs do not model the top-p mask, so pi_old would be wrong.
             raise ConfigError(f"rollout.top_p must be 1.0 (top-p sampling is not supported yet), got {self.rollout.top_p}")
@@ -208,8 +272,6 @@ class RunConfig:
                 f"rollout.max_model_len={self.rollout.max_model_len} leaves no room for a prompt with the "
                 f"largest token budget ({longest})"
             )
-        if self.trainer.tau <= 0:
-            raise ConfigError(f"trainer.tau must be > 0, got {self.trainer.tau}")
         if self.trainer.qk_clip_threshold < 0:
             raise ConfigError(
                 f"trainer.qk_clip_threshold must be >= 0 (0 turns QK-Clip off), got {self.trainer.qk_clip_threshold}"
@@ -230,6 +292,28 @@ class RunConfig:
                 raise ConfigError(f"{key}: {path} does not exist")
         if self.data.train_path and not self.data.eval_path:
             raise ConfigError("data.eval_path is required when data.train_path is set")
+
+    def _check_recipe(self) -> None:
+        """Build each part of the recipe once, so that a bad setting fails here, naming its key."""
+        from rewards.length import LengthReward
+        from rl.data.arithmetic import arithmetic_mix
+        from rl.data.curriculum import Curriculum, SuccessRates
+        from rl.trainer.losses import get_loss
+        from rollout.temperature import TemperatureSchedule
+
+        try:
+            get_loss(self.trainer.loss)(self.trainer.loss_settings())
+            TemperatureSchedule.parse(self.rollout.temperature)
+            LengthReward(self.reward.length.weight, self.reward.length.warmup_steps)
+            if self.data.curriculum.steps:
+                Curriculum(self.data.curriculum.steps, self.data.curriculum.start_fraction)
+            if self.data.prioritized.enabled:
+                SuccessRates(self.data.prioritized.floor, self.data.prioritized.smoothing)
+            arithmetic_mix(self.data.arithmetic_hard_fraction)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.data.arithmetic_hard_fraction and self.data.train_path:
+            raise ConfigError("data.arithmetic_hard_fraction applies only to the built-in generator (data.train_path is set)")
 
     def changed_keys(self, other: RunConfig) -> list[str]:
         """Dotted keys whose values differ between the two configs."""

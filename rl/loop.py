@@ -25,7 +25,9 @@ from rewards import RewardScorer, get_reward
 from rl.cluster.workers import Workers
 from rl.config import RunConfig
 from rl.data import PromptSampler, load_eval_tasks, load_train_pool
+from rl.data.curriculum import Curriculum, SuccessRates
 from rl.evaluation import accuracy
+from rewards.length import LengthReward
 from rl.metrics import MetricsLogger
 from rl.records import TrainSample, Trajectory
 from rl.run_checkpoint import (
@@ -36,10 +38,11 @@ from rl.run_checkpoint import (
     model_fingerprint,
     restore_driver_rng,
 )
-from rl.trainer.loss import group_advantages
+from rl.trainer.losses import get_loss
 from rollout import environments
 from rollout.manager import RolloutManager
 from rollout.rendering import Renderer
+from rollout.temperature import TemperatureSchedule
 
 log = logging.getLogger("k2rl")
 
@@ -65,12 +68,20 @@ class Controller:
         self.run_dir = run_dir
         data = config.data
         self.eval_tasks = load_eval_tasks(data.eval_path, data.columns, data.eval_size)
-        self.sampler = PromptSampler(load_train_pool(data.train_path, data.columns), config.seed, self.eval_tasks)
+        self.sampler = PromptSampler(
+            load_train_pool(data.train_path, data.columns), config.seed, self.eval_tasks,
+            curriculum=Curriculum(data.curriculum.steps, data.curriculum.start_fraction) if data.curriculum.steps else None,
+            success_rates=SuccessRates(data.prioritized.floor, data.prioritized.smoothing) if data.prioritized.enabled else None,
+            hard_fraction=data.arithmetic_hard_fraction,
+        )
         # An unknown reward or environment fails here, before any process starts.
         for name in self.sampler.reward_names() | {task.reward for task in self.eval_tasks if task.reward}:
             get_reward(name)
         for env_id, kwargs in {(t.env, json.dumps(t.env_kwargs, sort_keys=True)) for t in self.sampler.tasks() + self.eval_tasks if t.env}:
             environments.check(env_id, json.loads(kwargs))
+        self.temperature = TemperatureSchedule.parse(config.rollout.temperature)
+        self.length_reward = LengthReward(config.reward.length.weight, config.reward.length.warmup_steps)
+        self.loss = get_loss(config.trainer.loss)(config.trainer.loss_settings())
         self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep)
         self.resume_from: tuple[Path, LoopState] | None = None
         self.version = 0
@@ -103,10 +114,10 @@ class Controller:
         previous_handlers = _catch_stop_signals(self._on_signal)
         try:
             workers = Workers.start(config, model_path)
-            first_step = self._restore(workers, *self.resume_from) + 1 if resume else 1
+            rollout = RolloutManager(config, workers.engines, Renderer.from_pretrained(model_path, config.model.prompt_format), scorer)
+            first_step = self._restore(workers, rollout, *self.resume_from) + 1 if resume else 1
             metrics = MetricsLogger(self.run_dir, resumed_at=first_step - 1 if resume else None)
             workers.weight_sync.push(self.version)
-            rollout = RolloutManager(config, workers.engines, Renderer.from_pretrained(model_path, config.model.prompt_format), scorer)
             initial = final = None
             if not resume:
                 initial = final = self._evaluate(rollout)
@@ -124,7 +135,7 @@ class Controller:
                 progress.set_postfix(reward=f"{row['reward_mean']:.3f}", eval=f"{final:.3f}" if final is not None else "-")
                 due = config.checkpoint.every and step % config.checkpoint.every == 0
                 if due or self._stop_signal is not None:
-                    self._checkpoint(step, workers, fingerprint)
+                    self._checkpoint(step, workers, rollout, fingerprint)
                 if self._stop_signal is not None:
                     log.warning("stopped by %s after step %d; resume with --resume %s", signal.Signals(self._stop_signal).name, step, self.run_dir)
                     return RunSummary(self.run_dir, initial, final, time.perf_counter() - started, self.version, stopped_at=step)
@@ -144,33 +155,42 @@ class Controller:
     def iteration(self, step: int, workers: Workers, rollout: RolloutManager) -> dict:
         config = self.config
         started = time.perf_counter()
-        step_rollout = rollout.collect(self.sampler.sample(config.data.prompts_per_step), step)
+        temperature = self.temperature.temperature_at(step - 1)
+        tasks = self.sampler.sample(config.data.prompts_per_step)
+        step_rollout = rollout.collect(tasks, step, temperature, self.version)
         trajectories = step_rollout.trajectories
         self._count_reward_errors(trajectories)
-        samples = training_samples(trajectories)
+        scored = [t for t in trajectories if t.trainable]
+        self.sampler.update([t.task for t in scored], [float(t.reward.score >= 1.0) for t in scored])
+        length_rewards = self._length_rewards(scored, step)
+        samples = self.training_samples(trajectories, length_rewards)
         rollout_done = time.perf_counter()
 
-        train_metrics = workers.trainers.train(samples)
+        train_metrics = {}
+        if samples:
+            train_metrics = workers.trainers.train(samples, self.version)
         train_done = time.perf_counter()
-
-        self.version = workers.weight_sync.push(self.version + 1)
+        if samples:
+            self.version = workers.weight_sync.push(self.version + 1)
         sync_done = time.perf_counter()
 
-        scored = [t for t in trajectories if t.trainable]
         reasons: dict[str, int] = {}
         for t in trajectories:
             # "reward_error: ValueError: ..." counts as "reward_error".
             reason = t.reward.reason.split(":")[0] if t.reward is not None else t.status.value
             reasons[reason] = reasons.get(reason, 0) + 1
-        return {
+        count = max(len(trajectories), 1)
+        row = {
             "step": step,
             "reward_mean": sum(t.reward.score for t in scored) / max(len(scored), 1),
-            "response_len_mean": sum(t.generated_tokens for t in trajectories) / len(trajectories),
-            "truncated_frac": sum(t.truncated for t in trajectories) / len(trajectories),
-            "reward_error_frac": sum(t.reward is not None and t.reward.failed for t in trajectories) / len(trajectories),
+            "response_len_mean": sum(t.generated_tokens for t in trajectories) / count,
+            "truncated_frac": sum(t.truncated for t in trajectories) / count,
+            "reward_error_frac": sum(t.reward is not None and t.reward.failed for t in trajectories) / count,
+            "temperature": temperature,
             **train_metrics,
             "weight_version": self.version,
-            "rollout_weight_version": min(t.oldest_version for t in trajectories),
+            "rollout_weight_version": min((t.oldest_version for t in trajectories), default=self.version),
+            **step_rollout.metrics,
             "time_rollout_s": step_rollout.time_generate_s,
             "time_reward_s": step_rollout.time_reward_s,
             "time_train_s": train_done - rollout_done,
@@ -178,6 +198,37 @@ class Controller:
             "time_step_s": sync_done - started,
             "reward_reasons": reasons,
         }
+        if config.reward.length.weight:
+            row["length_reward_mean"] = sum(length_rewards.values()) / max(len(length_rewards), 1)
+        if config.rollout.partial.max_tokens_per_step:
+            staleness = [self.version - 1 - t.oldest_version for t in scored if t.oldest_version >= 0]
+            row["staleness_mean"] = sum(staleness) / max(len(staleness), 1)
+            row["staleness_max"] = max(staleness, default=0)
+            row["stale_tokens"] = sum(s.loss_mask[i] for s in samples for i, v in enumerate(s.versions) if 0 <= v < self.version - 1)
+        return row
+
+    def _length_rewards(self, scored: list[Trajectory], step: int) -> dict[int, float]:
+        """K1.5's length reward of each scored trajectory (by id), within its group."""
+        groups: dict[str, list[Trajectory]] = {}
+        for t in scored:
+            groups.setdefault(t.group_id, []).append(t)
+        additions: dict[int, float] = {}
+        for members in groups.values():
+            values = self.length_reward.additions([(t.reward.score, t.generated_tokens) for t in members], step - 1)
+            additions.update(zip(map(id, members), values))
+        return additions
+
+    def training_samples(self, trajectories: list[Trajectory], length_rewards: dict[int, float]) -> list[TrainSample]:
+        """Advantages per group id over the trainable members (the loss's own, on rewards plus the
+        length reward); the others stay in the batch, masked out of the loss (a failed reward or
+        environment is never training signal)."""
+        trainable = [t for t in trajectories if t.trainable]
+        rewards = [t.reward.score + length_rewards.get(id(t), 0.0) for t in trainable]
+        advantages = dict(zip(map(id, trainable), self.loss.advantages(rewards, [t.group_id for t in trainable])))
+        return [
+            TrainSample.of(t, advantages[id(t)]) if t.trainable else TrainSample.of(t, 0.0, loss_mask=[0] * len(t.loss_mask))
+            for t in trajectories
+        ]
 
     def _evaluate(self, rollout: RolloutManager) -> float:
         """Greedy accuracy on the held-out tasks; a response cut at its budget counts as wrong."""
@@ -200,7 +251,7 @@ class Controller:
                 f"reward.max_error_frac={limit:g} allows ({first}; the first traceback is in {self.run_dir / 'train.log'})"
             )
 
-    def _checkpoint(self, step: int, workers: Workers, fingerprint: str) -> None:
+    def _checkpoint(self, step: int, workers: Workers, rollout: RolloutManager, fingerprint: str) -> None:
         staging = self.checkpoints.staging(step)
         workers.trainers.save_state(str(staging / "trainer"))
         state = LoopState(
@@ -211,13 +262,15 @@ class Controller:
             reward_errors=self.reward_errors,
             responses_scored=self.responses_scored,
             model_fingerprint=fingerprint,
+            partial_buffer=rollout.state_dict(),
         )
         path = self.checkpoints.commit(staging, state, self.run_dir / "metrics.jsonl")
         log.info("checkpoint written: %s", path)
 
-    def _restore(self, workers: Workers, path: Path, state: LoopState) -> int:
-        """Load a checkpoint into the trainer and the loop; returns its step."""
+    def _restore(self, workers: Workers, rollout: RolloutManager, path: Path, state: LoopState) -> int:
+        """Load a checkpoint into the trainer, the rollout's partial buffer and the loop; returns its step."""
         workers.trainers.load_state(str(path / "trainer"))
+        rollout.load_state_dict(state.partial_buffer, self.temperature.temperature_at(state.step))
         self.sampler.load_state_dict(state.sampler)
         restore_driver_rng(state.rng)
         self.version = state.weight_version
@@ -231,17 +284,6 @@ class Controller:
             raise KeyboardInterrupt  # a second signal: stop now
         self._stop_signal = signum
         log.warning("%s: finishing this step, writing a checkpoint, then stopping (again to stop at once)", signal.Signals(signum).name)
-
-
-def training_samples(trajectories: list[Trajectory]) -> list[TrainSample]:
-    """Advantages per group id over the trainable members; the others stay in the batch, masked out
-    of the loss (a failed reward or environment is never training signal)."""
-    trainable = [t for t in trajectories if t.trainable]
-    advantages = dict(zip(map(id, trainable), group_advantages([t.reward.score for t in trainable], [t.group_id for t in trainable])))
-    return [
-        TrainSample.of(t, advantages[id(t)]) if t.trainable else TrainSample.of(t, 0.0, loss_mask=[0] * len(t.loss_mask))
-        for t in trajectories
-    ]
 
 
 # The packages whose log lines go to the run log (train.log); warnings also reach the console.

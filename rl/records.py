@@ -16,7 +16,7 @@ ids and numbers, never weights, so they are cheap to ship between Ray processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -133,6 +133,19 @@ class Trajectory:
     def oldest_version(self) -> int:
         """The weight version of the earliest generated token (-1 before any)."""
         return min((v for v in self.versions if v >= 0), default=-1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able copy (for the run checkpoint's partial-rollout buffer)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trajectory:
+        fields = dict(data)
+        fields["task"] = Task(**{**fields["task"], "messages": tuple(fields["task"]["messages"])})
+        fields["turns"] = [Turn(**turn) for turn in fields["turns"]]
+        fields["status"] = EpisodeStatus(fields["status"])
+        fields["reward"] = RewardResult(**fields["reward"]) if fields["reward"] is not None else None
+        return cls(**fields)
 
     @property
     def trainable(self) -> bool:

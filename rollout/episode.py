@@ -59,6 +59,24 @@ class Episode:
         t = self.trajectory
         return f"{t.group_id}/{t.sample_index}"
 
+    @property
+    def done(self) -> bool:
+        """Ended (completed, truncated or failed), as opposed to paused or not started."""
+        return self.trajectory.status is not EpisodeStatus.PARTIAL
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a paused or finished episode is, as plain data: its trajectory so far and where its turn began."""
+        return {"trajectory": self.trajectory.to_dict(), "turn_start": self._turn_start, "turns": self._turns}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], settings: EpisodeSettings, run_seed: int) -> Episode:
+        """An episode restored from `state_dict`; its environment is rebuilt (reset, then its past actions
+        replayed) when it next runs."""
+        trajectory = Trajectory.from_dict(state["trajectory"])
+        episode = cls(trajectory.task, trajectory.group_id, trajectory.sample_index, settings, run_seed)
+        episode.trajectory, episode._turn_start, episode._turns = trajectory, state["turn_start"], state["turns"]
+        return episode
+
     async def run(self, ctx: Any) -> Trajectory:
         """Play until the episode ends or the engines abort its generation (status PARTIAL).
 
@@ -69,6 +87,10 @@ class Episode:
             if self.env is None:
                 await self._start(ctx)
             while True:
+                if ctx.stopped:
+                    # The step's generation budget is spent: pause at this turn boundary.
+                    t.status = EpisodeStatus.PARTIAL
+                    return t
                 if self._turns >= self.settings.max_turns:
                     return self._end(EpisodeStatus.TRUNCATED, "max_turns")
                 room = min(
@@ -88,6 +110,7 @@ class Episode:
                     temperature=self.settings.temperature,
                     top_p=self.settings.top_p,
                     seed=None if greedy else request_seed(self.run_seed, t.group_id, t.sample_index, position),
+                    count_tokens=ctx.counts_tokens,
                 )
                 result = await ctx.pool.generate(request, self.engine)
                 t.append("assistant", result.token_ids, result.logprobs, result.weight_version, self.settings.temperature)
@@ -120,6 +143,8 @@ class Episode:
             return t
 
     async def _start(self, ctx: Any) -> None:
+        """Make the environment and reset it; for an episode restored from a checkpoint, also replay
+        its past actions, so that the environment is where the episode left it."""
         t = self.trajectory
         try:
             self.env = ctx.make_env(self.task)
@@ -129,7 +154,12 @@ class Episode:
         # the group's mean reward a baseline.
         seed = request_seed(self.run_seed, t.group_id, 0, -1)
         observation, _ = await self._call("reset", self.task, seed)
-        t.messages = list(_checked(observation, self.task, "reset"))
+        observation = list(_checked(observation, self.task, "reset"))
+        if t.prompt_ids:
+            for action in [m["content"] for m in t.messages if m["role"] == "assistant"]:
+                await self._step(action)
+            return
+        t.messages = observation
         t.prompt_ids = ctx.renderer.prompt(t.messages)
 
     async def _step(self, action: str) -> tuple[list[Message], float, bool, bool, dict]:

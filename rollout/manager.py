@@ -1,10 +1,18 @@
 """The rollout layer: runs a step's episodes concurrently on the engines and scores each as it ends.
 
     tasks -> K episodes per task (one group) -> engines (token level) + environments -> rewards
-          -> groups whose K episodes are all done
+          -> the groups whose K episodes are all done
 
 Episodes run as asyncio tasks in the driver, at most `rollout.max_concurrent_episodes` at once; an
 episode is scored the moment it ends, while the others still generate.
+
+Partial rollout (K2 §3.3), with `rollout.partial.max_tokens_per_step` > 0: once the engines have
+generated that many tokens in a step, every running generation is aborted. Unfinished episodes
+keep their tokens, logprobs and versions and wait in the buffer, with the finished members of
+their group, to be resumed in the next step; a group enters the training batch only when all its
+K episodes are done. A group whose oldest token is more than `rollout.partial.max_staleness`
+versions behind the policy starts over. The budget counts tokens, not time, so how much a step
+generates does not depend on the machine's speed.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rewards import RewardScorer
 from rl.config import RunConfig
@@ -26,15 +35,19 @@ from rollout.rendering import Renderer
 
 log = logging.getLogger(__name__)
 
+# How often the driver reads the engines' token counts while a partial-rollout budget runs.
+_BUDGET_POLL_S = 0.02
+
 
 @dataclass
 class StepRollout:
-    """What one step's rollout produced: complete groups, by group id, and its timings."""
+    """What one step's rollout produced: the complete groups, by group id, and how it went."""
 
     groups: dict[str, list[Trajectory]]
     time_generate_s: float
     # Scoring time not hidden behind generation: from the last episode's end to the last score.
     time_reward_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
     trajectories: list[Trajectory] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -42,10 +55,13 @@ class StepRollout:
 
 
 class RolloutContext:
-    """What an episode needs: the engines, the renderer, and a way to make its environment."""
+    """What an episode needs: the engines, the renderer, a way to make its environment, and whether
+    the step's generation budget is spent."""
 
-    def __init__(self, pool, renderer: Renderer, make_env: Callable[[Task], Environment]):
+    def __init__(self, pool, renderer: Renderer, make_env: Callable[[Task], Environment], counts_tokens: bool):
         self.pool, self.renderer, self.make_env = pool, renderer, make_env
+        self.counts_tokens = counts_tokens
+        self.stopped = False
         self._ids = itertools.count()
 
     def fresh_id(self) -> int:
@@ -56,14 +72,18 @@ class RolloutManager:
     def __init__(self, config: RunConfig, pool, renderer: Renderer, scorer: RewardScorer):
         self.config = config
         self.scorer = scorer
+        self.pool = pool
+        self.budget = config.rollout.partial.max_tokens_per_step
         self.environments = EnvironmentHost(config.rollout.env_workers, config.rollout.step_timeout_s)
-        self.context = RolloutContext(pool, renderer, self.environments.make)
+        self.context = RolloutContext(pool, renderer, self.environments.make, counts_tokens=self.budget > 0)
         self.loop = pool.loop
+        # Partial rollout: groups carried over to the next step, by group id.
+        self.buffer: dict[str, list[Episode]] = {}
 
-    def _settings(self, task: Task, greedy: bool) -> EpisodeSettings:
+    def settings(self, task: Task, temperature: float) -> EpisodeSettings:
         rollout = self.config.rollout
         return EpisodeSettings(
-            temperature=0.0 if greedy else rollout.temperature,
+            temperature=temperature,
             top_p=rollout.top_p,
             token_budget=rollout.token_budgets.get(task.task_type, rollout.default_token_budget),
             max_turns=rollout.max_turns,
@@ -71,51 +91,116 @@ class RolloutManager:
             step_timeout_s=rollout.step_timeout_s,
         )
 
-    def collect(self, tasks: list[Task], step: int) -> StepRollout:
-        """K episodes of every task, played and scored; the groups keyed by group id."""
-        episodes = [
-            Episode(task, f"{step}-{index}", sample, self._settings(task, greedy=False), self.config.seed)
+    def collect(self, tasks: list[Task], step: int, temperature: float, policy_version: int) -> StepRollout:
+        """K episodes of every task, plus the groups carried over, played and scored; returns the
+        groups that are complete."""
+        carried, restarted = self._carried_over(policy_version, temperature)
+        for members in carried.values():
+            for episode in members:
+                # A resumed episode samples at this step's temperature; each token keeps its own.
+                episode.settings = self.settings(episode.task, temperature)
+        fresh = {
+            f"{step}-{index}": [Episode(task, f"{step}-{index}", sample, self.settings(task, temperature), self.config.seed)
+                                for sample in range(self.config.rollout.n_samples)]
             for index, task in enumerate(tasks)
-            for sample in range(self.config.rollout.n_samples)
-        ]
-        return self.loop.run_until_complete(self._play(episodes))
+        }
+        groups = {**carried, **fresh}
+        resumed = sum(1 for members in carried.values() for e in members if e.trajectory.prompt_ids and not e.done)
+        to_play = [episode for members in groups.values() for episode in members if not episode.done]
+        generated, scored = self.loop.run_until_complete(self._play(to_play))
+        complete = {gid: [e.trajectory for e in members] for gid, members in groups.items() if all(e.done for e in members)}
+        self.buffer = {gid: members for gid, members in groups.items() if gid not in complete}
+        paused = sum(1 for e in to_play if not e.done)
+        rollout = StepRollout(complete, time_generate_s=generated, time_reward_s=scored)
+        if self.budget:
+            rollout.metrics = {
+                "partial_frac": paused / max(len(to_play), 1),
+                "partial_resumed": resumed,
+                "partial_restarted": restarted,
+                "partial_buffer_size": sum(len(members) for members in self.buffer.values()),
+            }
+        return rollout
 
     def evaluate(self, tasks: list[Task]) -> list[Trajectory]:
-        """One greedy episode per task, scored, in task order."""
-        episodes = [Episode(task, f"eval-{index}", 0, self._settings(task, greedy=True), self.config.seed)
+        """One greedy episode per task, scored, in task order (no token budget applies)."""
+        episodes = [Episode(task, f"eval-{index}", 0, self.settings(task, 0.0), self.config.seed)
                     for index, task in enumerate(tasks)]
-        rollout = self.loop.run_until_complete(self._play(episodes))
-        return [rollout.groups[f"eval-{index}"][0] for index in range(len(tasks))]
+        counts, self.context.counts_tokens = self.context.counts_tokens, False
+        try:
+            self.loop.run_until_complete(self._play(episodes, budget=0))
+        finally:
+            self.context.counts_tokens = counts
+        return [episode.trajectory for episode in episodes]
 
-    async def _play(self, episodes: list[Episode]) -> StepRollout:
+    def _carried_over(self, policy_version: int, temperature: float) -> tuple[dict[str, list[Episode]], int]:
+        """The buffered groups, each started over if its oldest token is too stale; returns them and
+        how many episodes started over."""
+        limit = self.config.rollout.partial.max_staleness
+        restarted = 0
+        for gid, members in self.buffer.items():
+            oldest = min((e.trajectory.oldest_version for e in members if e.trajectory.oldest_version >= 0), default=policy_version)
+            if policy_version - oldest > limit:
+                for episode in members:
+                    episode.close()
+                task = members[0].task
+                self.buffer[gid] = [Episode(task, gid, sample, self.settings(task, temperature), self.config.seed)
+                                    for sample in range(len(members))]
+                restarted += len(members)
+        return self.buffer, restarted
+
+    async def _play(self, episodes: list[Episode], budget: int | None = None) -> tuple[float, float]:
+        """Run the episodes until each ends or the token budget stops it; returns the generation time
+        and the scoring time that came after it."""
+        budget = self.budget if budget is None else budget
         started = time.perf_counter()
         limit = asyncio.Semaphore(self.config.rollout.max_concurrent_episodes)
         generated_at: list[float] = []
+        self.context.stopped = False
+        if budget:
+            await self.pool.tokens_generated(reset=True)
 
-        async def play(episode: Episode) -> Trajectory:
+        async def play(episode: Episode) -> None:
             async with limit:
                 trajectory = await episode.run(self.context)
             generated_at.append(time.perf_counter())
             if trajectory.status in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED):
                 trajectory.reward = await self.scorer.score_episode(trajectory, self.config.reward.budget_penalty)
-            return trajectory
 
         tasks = [asyncio.ensure_future(play(episode)) for episode in episodes]
+        watcher = asyncio.ensure_future(self._enforce(budget)) if budget else None
         try:
-            trajectories = await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks)
         finally:
             # After a fatal error (an engine past its restarts), nothing of this step goes on.
-            for task in tasks:
+            for task in [*tasks, *([watcher] if watcher else [])]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.context.pool.drain()
+            await asyncio.gather(*tasks, *([watcher] if watcher else []), return_exceptions=True)
+            await self.pool.drain()
         scored = time.perf_counter()
         generated = max(generated_at, default=started)
-        groups: dict[str, list[Trajectory]] = {}
-        for trajectory in trajectories:
-            groups.setdefault(trajectory.group_id, []).append(trajectory)
-        return StepRollout(groups, time_generate_s=generated - started, time_reward_s=scored - generated)
+        return generated - started, scored - generated
+
+    async def _enforce(self, budget: int) -> None:
+        """Stop every generation once the engines have generated `budget` tokens in this step."""
+        while await self.pool.tokens_generated() < budget:
+            await asyncio.sleep(_BUDGET_POLL_S)
+        self.context.stopped = True
+        await self.pool.abort_all()
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The partial-rollout buffer, for the run checkpoint."""
+        return [episode.state_dict() for members in self.buffer.values() for episode in members]
+
+    def load_state_dict(self, state: list[dict[str, Any]], temperature: float) -> None:
+        self.buffer = {}
+        for item in state:
+            task = Task(**{**item["trajectory"]["task"], "messages": tuple(item["trajectory"]["task"]["messages"])})
+            episode = Episode.from_state(item, self.settings(task, temperature), self.config.seed)
+            self.buffer.setdefault(episode.trajectory.group_id, []).append(episode)
 
     def close(self) -> None:
         """Stop the environment workers (the engines belong to the pool)."""
+        for members in self.buffer.values():
+            for episode in members:
+                episode.close()
         self.environments.close()

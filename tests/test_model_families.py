@@ -12,6 +12,7 @@ from model_families import FAMILIES, build_family
 from trainer_helpers import free_port, full_parameters_and_grads, run_two_ranks, samples, start_worker
 from transformers import AutoModelForCausalLM
 
+from rl.cluster.trainer_group import merge_rank_metrics
 from rl.config import TrainerConfig, load_config
 from rl.loop import Controller
 from rl.trainer.logprobs import token_logprobs
@@ -73,7 +74,7 @@ def _one_step(rank: int, world_size: int, port: int, model_dir: Path, layout: La
         batch = samples(8, model.config.vocab_size)
         shard = len(batch) // layout.data_parallel_size
         lo = rank // layout.tensor_parallel_size * shard
-        metrics = worker.train(batch[lo : lo + shard])
+        metrics = worker.train(batch[lo : lo + shard], policy_version=0)
         states = [value for optimizer in worker.optimizer.optimizers for state in optimizer.state.values() for value in state.values()]
         result = {
             "tied": model.lm_head.weight is embedding.weight,
@@ -134,7 +135,8 @@ def test_sharded_step_keeps_the_tie_and_equals_the_unsharded_step(family_dirs, u
         for name, value in whole["state"].items():
             if name.endswith(".grad"):
                 torch.testing.assert_close(rank["state"][name], value, rtol=0, atol=1e-6, msg=name)
-    assert sum(r["metrics"]["loss"] for r in ranks) / 2 == pytest.approx(whole["metrics"]["loss"], rel=1e-5)
+    sharded = merge_rank_metrics([r["metrics"] for r in ranks], tensor_parallel_size=layout.tensor_parallel_size)
+    assert sharded["loss"] == pytest.approx(merge_rank_metrics([whole["metrics"]], 1)["loss"], rel=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights_with_tensor_parallelism(family_dirs, unsharded_step, tmp_path):
@@ -168,7 +170,7 @@ def test_qwen3_layers_are_clipped_as_a_whole(family_dirs, tmp_path):
         assert before[0].min() < threshold < before[0].max() and before[1].max() < threshold
         worker.qk_clip.threshold = threshold
         weights_before = full_parameters_and_grads(worker.model)
-        worker.train(batch)
+        worker.train(batch, policy_version=0)
         after = _recorded_max_logits(worker, batch)
         gamma = threshold / before[0].max().item()
         torch.testing.assert_close(after[0], before[0] * gamma, rtol=1e-4, atol=0)
@@ -187,9 +189,8 @@ def test_qwen3_layers_are_clipped_as_a_whole(family_dirs, tmp_path):
 
 def _recorded_max_logits(worker, batch) -> torch.Tensor:
     worker.qk_clip.reset()
-    input_ids, attention, _, _, temperatures = worker._batch_tensors(batch)
     with torch.no_grad():
-        worker._token_logprobs(input_ids, attention, temperatures)
+        worker._token_logprobs(worker._micro_batch(batch))
     return worker.qk_clip.max_logits()
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from trainer_helpers import free_port, full_parameters_and_grads, run_two_ranks, samples, start_worker
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from rl.cluster.trainer_group import merge_rank_metrics
 from rl.config import TrainerConfig
 from rl.trainer.optim import MuonWithAdamW
 from rl.trainer.parallel import check_layout
@@ -36,7 +37,7 @@ def _train_one_step(rank: int, world_size: int, port: int, policy: Path, data_pa
         batch = samples(8, worker.model.config.vocab_size)
         shard = len(batch) // data_parallel_size
         lo = rank // tensor_parallel_size * shard
-        metrics = worker.train(batch[lo : lo + shard])
+        metrics = worker.train(batch[lo : lo + shard], policy_version=0)
         logprobs = worker.sequence_logprobs(batch[0].token_ids)
         worker.save_model(str(out / "saved"))
         result = {"state": full_parameters_and_grads(worker.model), "metrics": metrics, "logprobs": logprobs}
@@ -64,11 +65,11 @@ def test_sharded_step_equals_the_unsharded_step(tiny_policy, tmp_path, data_para
     whole = torch.load(tmp_path / "whole" / "rank0.pt")
 
     # Each data-parallel rank reports the mean loss of its shard; tensor-parallel ranks the same.
-    sharded_loss = sum(r["metrics"]["loss"] for r in ranks) / 2
-    assert sharded_loss == pytest.approx(whole["metrics"]["loss"], rel=1e-5)
-    for key in ("grad_norm", "max_attention_logit"):
-        assert ranks[0]["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5), key
-    assert whole["metrics"]["max_attention_logit"] > QK_CLIP_THRESHOLD
+    sharded = merge_rank_metrics([r["metrics"] for r in ranks], tensor_parallel_size=2 // data_parallel_size)
+    unsharded = merge_rank_metrics([whole["metrics"]], tensor_parallel_size=1)
+    for key in ("loss", "grad_norm", "max_attention_logit", "logprob_diff_mean"):
+        assert sharded[key] == pytest.approx(unsharded[key], rel=1e-5), key
+    assert unsharded["max_attention_logit"] > QK_CLIP_THRESHOLD
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "saved").state_dict()
     for name, value in saved.items():
         assert torch.equal(value, ranks[0]["state"][name]), name

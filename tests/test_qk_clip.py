@@ -62,9 +62,8 @@ def _worker(policy: Path, threshold: float) -> TrainerWorker:
 
 def _recorded_max_logits(worker: TrainerWorker, batch) -> torch.Tensor:
     worker.qk_clip.reset()
-    input_ids, attention, _, _, temperatures = worker._batch_tensors(batch)
     with torch.no_grad():
-        worker._token_logprobs(input_ids, attention, temperatures)
+        worker._token_logprobs(worker._micro_batch(batch))
     return worker.qk_clip.max_logits()
 
 
@@ -75,7 +74,7 @@ def test_qk_clip_rescales_only_the_head_above_the_threshold(boosted_policy):
     worker = _worker(boosted_policy, THRESHOLD)
     try:
         before = full_parameters_and_grads(worker.model)
-        metrics = worker.train(batch)
+        metrics = worker.train(batch, policy_version=0)
         # The padded training batch records what the unpadded sequences give by hand.
         assert metrics["max_attention_logit"] == pytest.approx(expected[0].item(), rel=1e-5)
         after = {name: value for name, value in full_parameters_and_grads(worker.model).items() if ".grad" not in name}
@@ -114,7 +113,7 @@ def test_grouped_query_heads_each_get_their_own_scale(tmp_path):
         # Set once the maxima are known: below every boosted head.
         worker.qk_clip.threshold = threshold = before[[0, 2, 3]].min().item() / 2
         assert before[1] < threshold, "head 1 must stay below the threshold for this test to mean anything"
-        worker.train(batch)
+        worker.train(batch, policy_version=0)
         after = _recorded_max_logits(worker, batch)[0]
         torch.testing.assert_close(after, torch.clamp(before, max=threshold), rtol=1e-5, atol=0)
     finally:

@@ -154,6 +154,11 @@ class EnginePool:
         self._wait_ready(index, self.engines[index], "died and could not be restarted")
         self.load_weights(index)
 
+    async def tokens_generated(self, reset: bool = False) -> int:
+        """Tokens the engines generated for requests that count theirs (since the last reset)."""
+        counts = await asyncio.gather(*(engine.tokens_generated.remote(reset) for engine in self.engines), return_exceptions=True)
+        return sum(count for count in counts if isinstance(count, int))
+
     async def abort_all(self) -> None:
         """Stop every running request on every engine; each returns its tokens so far."""
         await asyncio.gather(*(engine.abort_all.remote() for engine in self.engines), return_exceptions=True)

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ray
 
 from rl.cluster.placement import Placement
 from rl.config import RunConfig
 from rl.records import TrainSample
 from rl.trainer.worker import TrainerWorker
+
+
+def merge_rank_metrics(results: list[dict], tensor_parallel_size: int) -> dict[str, float]:
+    """One batch's metrics from every rank's `TrainerWorker.train` result: (total, count) pairs add
+    up over the data-parallel groups (the first rank of each), other values take their maximum."""
+    merged: dict[str, float] = {}
+    for name in results[0]:
+        if isinstance(results[0][name], tuple):
+            total = sum(result[name][0] for result in results[::tensor_parallel_size])
+            count = sum(result[name][1] for result in results[::tensor_parallel_size])
+            merged[name] = total / count if count else 0.0
+        else:
+            merged[name] = max(result[name] for result in results)
+    # Every rank sees the same global gradient norm: not a quantity to add up.
+    merged["grad_norm"] = results[0]["grad_norm"][0] / results[0]["grad_norm"][1]
+    return merged
+
+
+def _masked(sample: TrainSample) -> TrainSample:
+    """A copy of `sample` that trains on nothing: padding that keeps every rank's shard equal."""
+    return dataclasses.replace(sample, loss_mask=[0] * len(sample.loss_mask), advantage=0.0)
 
 
 class TrainerGroup:
@@ -42,25 +65,19 @@ class TrainerGroup:
     def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return ray.get(self.ranks[0].weight_layout.remote())
 
-    def train(self, samples: list[TrainSample]) -> dict[str, float]:
-        """Each data-parallel group gets an equal shard; the ranks of one tensor-parallel group share it."""
+    def train(self, samples: list[TrainSample], policy_version: int) -> dict[str, float]:
+        """Each data-parallel group gets an equal shard (the ranks of one tensor-parallel group share
+        it); the batch is padded with masked-out copies to split evenly. `policy_version` is the
+        version the engines sampled with."""
         dp = self.world // self.tp
+        parts = dp * self.config.trainer.optimizer_steps_per_batch
+        samples = samples + [_masked(samples[0])] * (-len(samples) % parts)
         shard = len(samples) // dp
         results = ray.get(
-            [rank.train.remote(samples[(index // self.tp) * shard : (index // self.tp + 1) * shard])
+            [rank.train.remote(samples[(index // self.tp) * shard : (index // self.tp + 1) * shard], policy_version)
              for index, rank in enumerate(self.ranks)]
         )
-        leaders = results[:: self.tp]  # one rank per data-parallel group
-        tokens = sum(r["response_tokens"] for r in leaders)
-        merged = {
-            "loss": sum(r["loss"] for r in leaders) / dp,
-            "grad_norm": results[0]["grad_norm"],
-            "log_ratio_abs_mean": sum(r["log_ratio_abs_mean"] for r in leaders) / dp,
-            "logprob_diff_mean": sum(r["logprob_diff_sum"] for r in leaders) / max(tokens, 1),
-        }
-        if "max_attention_logit" in results[0]:
-            merged["max_attention_logit"] = results[0]["max_attention_logit"]
-        return merged
+        return merge_rank_metrics(results, self.tp)
 
     def logprobs(self, token_ids: list[int]) -> list[float]:
         """The trainer's logprobs of a fixed sequence (a collective: every rank takes part)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,12 +39,25 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rl.config import TrainerConfig
 from rl.records import TrainSample
 from rl.trainer.logprobs import PolicyLogprobs
-from rl.trainer.loss import k2_policy_loss
+from rl.trainer.losses import MetricMean, TokenBatch, get_loss, loss_denominator, stale_tokens
 from rl.trainer.optim import MuonWithAdamW
 from rl.trainer.parallel import build_mesh, check_layout, shard_model, whole
 from rl.trainer.qk_clip import QKClip
 from rl.trainer.state import load_train_state, save_train_state
 from rl.weight_sync.transport import BucketPlan, BucketWriter, WeightUpdate
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded sequences [B, T] and, over their logprob positions [B, T - 1], what the loss reads."""
+
+    input_ids: torch.Tensor
+    attention: torch.Tensor
+    loss_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    temperatures: torch.Tensor
+    versions: torch.Tensor
+    advantages: torch.Tensor  # [B]
 
 
 class TrainerWorker:
@@ -67,6 +81,7 @@ class TrainerWorker:
         # implementation, saving); `model` holds the same parameters, and is what trains.
         self.causal_lm = causal_lm
         self.model = PolicyLogprobs(causal_lm, config.logprob_chunk_size)
+        self.loss = get_loss(config.loss)(config.loss_settings())
         self.seed = seed
         use_cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -108,6 +123,8 @@ class TrainerWorker:
         self.qk_clip = QKClip(self.causal_lm, self.config.qk_clip_threshold, mesh) if self.config.qk_clip_threshold > 0 else None
         shard_model(model, mesh, self.compute_dtype)
         self.optimizer = MuonWithAdamW(model, self.config)
+        # The ranks that train on different data: what a loss's denominator is summed over.
+        self.dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
 
     def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, full shape) of every tensor the engines load, in the engines' dtype. A tied
@@ -192,15 +209,15 @@ class TrainerWorker:
         for name in names if names is not None else list(state):
             yield name, whole(state[name])
 
-    def _batch_tensors(self, samples: list[TrainSample]) -> tuple[torch.Tensor, ...]:
-        """Right-padded ids, attention mask, and, over the logprob positions: the loss mask, the
-        rollout logprobs and the sampling temperatures."""
+    def _micro_batch(self, samples: list[TrainSample]) -> MicroBatch:
+        """Right-padded ids and, over the logprob positions, what the loss needs of each token."""
         width = max(len(s.token_ids) for s in samples)
         input_ids = torch.zeros(len(samples), width, dtype=torch.long)
         attention = torch.zeros(len(samples), width, dtype=torch.long)
         loss_mask = torch.zeros(len(samples), width - 1)
         rollout = torch.zeros(len(samples), width - 1)
         temperatures = torch.ones(len(samples), width - 1)
+        versions = torch.full((len(samples), width - 1), -1, dtype=torch.long)
         for i, sample in enumerate(samples):
             length = len(sample.token_ids)
             input_ids[i, :length] = torch.tensor(sample.token_ids)
@@ -210,92 +227,106 @@ class TrainerWorker:
             loss_mask[i, span] = torch.tensor(sample.loss_mask, dtype=torch.float)
             rollout[i, span] = torch.tensor(sample.rollout_logprobs)
             temperatures[i, span] = torch.tensor(sample.temperatures).where(loss_mask[i, span] > 0, 1.0)
-        tensors = (input_ids, attention, loss_mask, rollout, temperatures)
-        return tuple(tensor.to(self.device) for tensor in tensors)
+            versions[i, span] = torch.tensor(sample.versions)
+        advantages = torch.tensor([s.advantage for s in samples])
+        return MicroBatch(*(t.to(self.device) for t in (input_ids, attention, loss_mask, rollout, temperatures, versions, advantages)))
 
-    def _token_logprobs(self, input_ids: torch.Tensor, attention: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention, temperatures)
+    def _token_logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        return self.model(batch.input_ids, batch.attention, batch.temperatures)
 
-    def train(self, samples: list[TrainSample]) -> dict[str, float]:
-        """One batch (this data-parallel group's shard): pi_old recompute, then `optimizer_steps_per_batch` updates.
+    def train(self, samples: list[TrainSample], policy_version: int) -> dict[str, float | tuple[float, float]]:
+        """One batch (this data-parallel group's shard, the same size on every rank) in
+        `optimizer_steps_per_batch` mini-batches of micro-batches: `train_step` each.
 
-        With QK-Clip on, the metrics include `max_attention_logit`: the largest logit of any
-        head before its clip, over all ranks and optimizer steps of the batch.
+        pi_old is the policy before this batch. With one optimizer step per batch that is the policy
+        of the training forward itself, so its logprobs (detached) serve; with several, a first pass
+        computes them. `policy_version` is pi_old's weight version: tokens older than it are stale.
+
+        Metrics come as (total, count) pairs where ranks merge by adding; with QK-Clip on they include
+        `max_attention_logit`, the largest logit of any head before its clip.
         """
         self._on_device(with_optimizer=True)
         config = self.config
         if config.reset_optimizer_each_step:
             self.optimizer = MuonWithAdamW(self.model, config)
-        micro_batches = [self._batch_tensors(samples[start : start + config.micro_batch_size])
-                         for start in range(0, len(samples), config.micro_batch_size)]
-        logprob_diff_sum, response_tokens = 0.0, 0.0
-        old_sums = []
-        with torch.no_grad():
-            for input_ids, attention, mask, rollout, temperatures in micro_batches:
-                logprobs = self._token_logprobs(input_ids, attention, temperatures)
-                old_sums.append((logprobs * mask).sum(-1))
-                logprob_diff_sum += ((logprobs - rollout).abs() * mask).sum().item()
-                response_tokens += mask.sum().item()
-        old_logprob_sums = torch.cat(old_sums)
-        advantage = torch.tensor([s.advantage for s in samples], device=self.device)
-
         steps = config.optimizer_steps_per_batch
         per_step = len(samples) // steps
-        losses, grad_norms, log_ratios, max_logits = [], [], [], []
-        for step in range(steps):
-            lo, hi = step * per_step, (step + 1) * per_step
-            self.optimizer.zero_grad()
-            if self.qk_clip is not None:
-                self.qk_clip.reset()
-            starts = list(range(lo, hi, config.micro_batch_size))
-            step_loss = 0.0
-            for index, start in enumerate(starts):
-                end = min(start + config.micro_batch_size, hi)
-                # Gradients stay unreduced, and accumulate, until the last micro-batch.
-                self.model.set_requires_gradient_sync(index == len(starts) - 1)
-                batch = self._batch_tensors(samples[start:end])
-                loss, sums = self.forward_backward_step(batch, old_logprob_sums[start:end], advantage[start:end], per_step)
-                step_loss += loss
-                log_ratios.append((sums - old_logprob_sums[start:end]).detach())
-            # The parameters are DTensors, so is the norm: gathering it gives every rank the global value.
-            total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-            grad_norms.append(whole(total_norm).item())
-            self.optimizer.step()
-            if self.qk_clip is not None:
-                max_logits.append(self.qk_clip.clip().max().item())
-            losses.append(step_loss)
-        metrics = {
-            "loss": sum(losses) / len(losses),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            "logprob_diff_sum": logprob_diff_sum,
-            "response_tokens": response_tokens,
-            "log_ratio_abs_mean": torch.cat(log_ratios).abs().mean().item(),
-        }
-        if max_logits:
-            metrics["max_attention_logit"] = max(max_logits)
+        mini_batches = [
+            [self._micro_batch(samples[start : min(start + config.micro_batch_size, (step + 1) * per_step)])
+             for start in range(step * per_step, (step + 1) * per_step, config.micro_batch_size)]
+            for step in range(steps)
+        ]
+        old_logprobs = None
+        metrics: list[dict[str, MetricMean | float]] = []
+        if steps > 1:
+            with torch.no_grad():
+                old_logprobs = [[self._token_logprobs(micro) for micro in mini] for mini in mini_batches]
+            metrics.append({"logprob_diff_mean": sum(
+                (_rollout_gap(old, micro, policy_version) for mini, olds in zip(mini_batches, old_logprobs)
+                 for micro, old in zip(mini, olds)), MetricMean())})
+        for step, mini in enumerate(mini_batches):
+            metrics.append(self.train_step(mini, None if old_logprobs is None else old_logprobs[step], policy_version))
+        merged: dict[str, float | tuple[float, float]] = {}
+        for step_metrics in metrics:
+            for name, mean in step_metrics.items():
+                if isinstance(mean, MetricMean):
+                    total, count = merged.get(name, (0.0, 0.0))
+                    merged[name] = (total + mean.total, count + mean.count)
+                else:
+                    merged[name] = max(merged.get(name, mean), mean) if name == "max_attention_logit" else mean
+        return merged
+
+    def train_step(self, mini_batch: list[MicroBatch], old_logprobs: list[torch.Tensor] | None,
+                   policy_version: int) -> dict[str, MetricMean | float]:
+        """One optimizer step: gradients accumulated over the micro-batches, clipped, Muon/AdamW, QK-Clip."""
+        self.optimizer.zero_grad()
+        if self.qk_clip is not None:
+            self.qk_clip.reset()
+        units = sum(self.loss.units(micro.loss_mask) for micro in mini_batch)
+        denominator = loss_denominator(units, self.dp_group)
+        metrics: dict[str, MetricMean | float] = {}
+        loss = 0.0
+        for index, micro in enumerate(mini_batch):
+            # Gradients stay unreduced, and accumulate, until the last micro-batch.
+            self.model.set_requires_gradient_sync(index == len(mini_batch) - 1)
+            old = None if old_logprobs is None else old_logprobs[index]
+            micro_loss, micro_metrics = self.forward_backward_step(micro, old, denominator, policy_version)
+            loss += micro_loss
+            for name, mean in micro_metrics.items():
+                metrics[name] = metrics.get(name, MetricMean()) + mean
+        # This rank's share of the mini-batch loss: the ranks' shares add up to the loss.
+        metrics["loss"] = MetricMean(loss, 1.0 / (1 if self.dp_group is None else dist.get_world_size(self.dp_group)))
+        # The parameters are DTensors, so is the norm: gathering it gives every rank the global value.
+        total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        metrics["grad_norm"] = MetricMean(whole(total_norm).item(), 1.0)
+        self.optimizer.step()
+        if self.qk_clip is not None:
+            metrics["max_attention_logit"] = self.qk_clip.clip().max().item()
         return metrics
 
-    def forward_backward_step(self, batch: tuple[torch.Tensor, ...], old_logprob_sums: torch.Tensor,
-                              advantages: torch.Tensor, mini_batch_size: int) -> tuple[float, torch.Tensor]:
-        """Loss and gradients of one micro-batch; returns the loss and the sequences' log pi."""
-        input_ids, attention, mask, _, temperatures = batch
-        logprobs = self._token_logprobs(input_ids, attention, temperatures)
-        sums = (logprobs * mask).sum(-1)
-        per_sample = k2_policy_loss(sums, old_logprob_sums, advantages, self.config.tau)
-        # Sum over micro-batches / samples in the mini-batch = the mini-batch mean;
-        # FSDP2 then averages over the data-parallel ranks, giving the global mean.
-        loss = per_sample.sum() / mini_batch_size
-        loss.backward()
-        return loss.item(), sums
+    def forward_backward_step(self, micro: MicroBatch, old_logprobs: torch.Tensor | None, denominator: float,
+                              policy_version: int) -> tuple[float, dict[str, MetricMean]]:
+        """Loss and gradients of one micro-batch; returns its loss and metrics. Without `old_logprobs`,
+        pi_old is this forward's own policy (one optimizer step per batch)."""
+        logprobs = self._token_logprobs(micro)
+        old = logprobs.detach() if old_logprobs is None else old_logprobs
+        stale = stale_tokens(micro.versions, policy_version)
+        output = self.loss(
+            TokenBatch(logprobs, old, micro.rollout_logprobs, micro.loss_mask, stale, micro.advantages), denominator
+        )
+        output.loss.backward()
+        metrics = dict(output.metrics)
+        if old_logprobs is None:
+            metrics["logprob_diff_mean"] = _rollout_gap(old, micro, policy_version)
+        return output.loss.item(), metrics
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """Per-token logprobs of one sequence; a collective: every rank must call it with the same ids."""
         self._on_device(with_optimizer=False)
-        input_ids = torch.tensor([token_ids], device=self.device)
-        attention = torch.ones_like(input_ids)
-        temperatures = torch.ones(1, len(token_ids) - 1, device=self.device)
-        return self._token_logprobs(input_ids, attention, temperatures)[0].tolist()
+        n = len(token_ids) - 1
+        sample = TrainSample(list(token_ids), 1, [1] * n, [0.0] * n, [1.0] * n, [0] * n, 0.0)
+        return self._token_logprobs(self._micro_batch([sample]))[0].tolist()
 
     def save_model(self, out_dir: str) -> None:
         """A Hugging Face model directory (weights, config, tokenizer) that vLLM and transformers load,
@@ -325,6 +356,13 @@ class TrainerWorker:
             self.weight_writer = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _rollout_gap(old_logprobs: torch.Tensor, micro: MicroBatch, policy_version: int) -> MetricMean:
+    """How far pi_old's logprobs are from the engine's: the engine sampled with pi_old's weights, so
+    they should agree (tokens of older versions excepted)."""
+    fresh = micro.loss_mask * ~stale_tokens(micro.versions, policy_version)
+    return MetricMean(((old_logprobs - micro.rollout_logprobs).abs() * fresh).sum().item(), fresh.sum().item())
 
 
 def _load_or_skeleton(model_path: str, read_weights: bool):
