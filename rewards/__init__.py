@@ -9,15 +9,29 @@ from rewards import math_answer  # noqa: F401  (registers "math")
 from rewards import instruction  # noqa: F401  (registers "instruction")
 from rewards import puzzle  # noqa: F401  (registers "puzzle")
 from rewards.budget import apply_budget
-from rewards.registry import RewardFn, UnknownRewardError, get_reward, register, reward_names
+from rewards.registry import (
+    GroupRewardFn,
+    RewardContext,
+    RewardFn,
+    UnknownRewardError,
+    get_reward,
+    group_reward,
+    is_group_reward,
+    register,
+    reward_names,
+)
 from rewards.scoring import RewardScorer
 
 __all__ = [
+    "GroupRewardFn",
+    "RewardContext",
     "RewardFn",
     "RewardScorer",
     "UnknownRewardError",
     "apply_budget",
     "get_reward",
+    "group_reward",
+    "is_group_reward",
     "register",
     "reward_names",
 ]

@@ -10,13 +10,38 @@ package.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Protocol
 
 from rl.records import RewardResult, Task
 
 RewardFn = Callable[[Task, str], RewardResult]
 """Scores one response (the decoded text) to one task."""
+
+
+class RewardContext(Protocol):
+    """What a group reward may use besides the responses: a model to generate with (the critic)."""
+
+    async def generate(self, conversations: list[list[dict[str, str]]], max_tokens: int, temperature: float = 0.0) -> list[str]:
+        """One reply per conversation (chat messages), from the critic: the policy of the current
+        weight version on the rollout engines, or the critic that `reward.critic` configures."""
+        ...
+
+
+GroupRewardFn = Callable[[Task, list[str], RewardContext], Awaitable[list[RewardResult]]]
+"""Scores a whole group: the K responses (decoded texts) to one task, in order, one result each."""
+
+
+def group_reward(fn: GroupRewardFn) -> GroupRewardFn:
+    """Mark an async `(task, responses, context) -> list[RewardResult]` function as a group reward
+    (register it with `@register` as any reward; entry points work the same)."""
+    fn.scores_groups = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_group_reward(fn: Any) -> bool:
+    return bool(getattr(fn, "scores_groups", False))
 
 ENTRY_POINT_GROUP = "k2rl.rewards"
 

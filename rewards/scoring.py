@@ -16,7 +16,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from types import TracebackType
 
 from rewards.budget import apply_budget
-from rewards.registry import get_reward
+from rewards.registry import RewardContext, get_reward
 from rl.records import RewardResult, Task, Trajectory
 
 
@@ -82,6 +82,24 @@ class RewardScorer:
             components["task_reward"] = result.score
         result = RewardResult(result.score, result.reason, components, result.error)
         return result if result.failed else apply_budget(result, trajectory.truncated, budget_penalty)
+
+    async def score_group(self, trajectories: list[Trajectory], context: RewardContext, budget_penalty: float) -> list[RewardResult]:
+        """A group reward's results for the K ended episodes of one task (the same task), each with
+        the budget penalty where its episode was truncated. A reward that raises, or returns other
+        than one result per response, fails every member (counted like any reward error)."""
+        task = trajectories[0].task
+        reward = get_reward(task.reward)
+        try:
+            results = await reward(task, [t.response_text for t in trajectories], context)
+            if len(results) != len(trajectories) or not all(isinstance(r, RewardResult) for r in results):
+                raise TypeError(f"group reward {task.reward!r} returned {len(results)} results for {len(trajectories)} responses")
+        except Exception as exc:  # noqa: BLE001 - the user's reward (or critic): counted and reported by the caller
+            failed = RewardResult(0.0, f"reward_error: {type(exc).__name__}: {exc}", error=traceback.format_exc())
+            return [failed] * len(trajectories)
+        return [
+            result if result.failed else apply_budget(result, t.truncated, budget_penalty)
+            for result, t in zip(results, trajectories)
+        ]
 
     def close(self) -> None:
         """Shut the worker processes down; the scorer cannot score afterwards."""

@@ -161,6 +161,11 @@ class TrainerConfig:
     # The trainer ranks form a data_parallel_size x tensor_parallel_size mesh.
     data_parallel_size: int = 2
     tensor_parallel_size: int = 1
+    # How data-parallel ranks hold the model: "fsdp" (FSDP2: parameters, gradients and optimizer
+    # state sharded), "replicate" (each rank holds all, gradients all-reduced: fastest for small
+    # models), or "auto" (replicate when the model's training state takes under a quarter of a
+    # rank's device memory).
+    data_parallel_strategy: str = "auto"
     # The policy objective (rl/trainer/losses.py): "k2" (the K1.5/K2 squared objective), "grpo" or "ppo-clip".
     loss: str = "k2"
     # tau of the K1.5/K2 objective: weight of the log-ratio penalty.
@@ -248,6 +253,10 @@ class RunConfig:
         for key, value in (("weight_sync.bucket_mb", self.weight_sync.bucket_mb), ("weight_sync.timeout_s", self.weight_sync.timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value:g}")
+        if self.trainer.data_parallel_strategy not in ("auto", "fsdp", "replicate"):
+            raise ConfigError(
+                f"trainer.data_parallel_strategy must be auto, fsdp or replicate, got {self.trainer.data_parallel_strategy!r}"
+            )
         if self.rollout.partial.max_tokens_per_step < 0:
             raise ConfigError(f"rollout.partial.max_tokens_per_step must be >= 0 (0 is off), got {self.rollout.partial.max_tokens_per_step}")
         if self.rollout.partial.max_staleness < 0:
@@ -336,6 +345,7 @@ RESUMABLE_KEYS = (
     "steps",
     "trainer.data_parallel_size",
     "trainer.tensor_parallel_size",
+    "trainer.data_parallel_strategy",
     "trainer.micro_batch_size",
     "trainer.logprob_chunk_size",
     "rollout.num_engines",

@@ -25,10 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards import RewardScorer
+from rewards import RewardScorer, get_reward, is_group_reward
 from rl.config import RunConfig
 from rl.records import EpisodeStatus, Task, Trajectory
 from rollout.environments import EnvironmentHost
+from rollout.critic import PolicyCritic
 from rollout.environments.base import Environment
 from rollout.episode import Episode, EpisodeSettings
 from rollout.rendering import Renderer
@@ -76,6 +77,7 @@ class RolloutManager:
         self.budget = config.rollout.partial.max_tokens_per_step
         self.environments = EnvironmentHost(config.rollout.env_workers, config.rollout.step_timeout_s)
         self.context = RolloutContext(pool, renderer, self.environments.make, counts_tokens=self.budget > 0)
+        self.critic = PolicyCritic(pool, renderer, config.rollout.max_model_len)
         self.loop = pool.loop
         # Partial rollout: groups carried over to the next step, by group id.
         self.buffer: dict[str, list[Episode]] = {}
@@ -107,7 +109,7 @@ class RolloutManager:
         groups = {**carried, **fresh}
         resumed = sum(1 for members in carried.values() for e in members if e.trajectory.prompt_ids and not e.done)
         to_play = [episode for members in groups.values() for episode in members if not episode.done]
-        generated, scored = self.loop.run_until_complete(self._play(to_play))
+        generated, scored = self.loop.run_until_complete(self._play(to_play, groups))
         complete = {gid: [e.trajectory for e in members] for gid, members in groups.items() if all(e.done for e in members)}
         self.buffer = {gid: members for gid, members in groups.items() if gid not in complete}
         paused = sum(1 for e in to_play if not e.done)
@@ -148,10 +150,14 @@ class RolloutManager:
                 restarted += len(members)
         return self.buffer, restarted
 
-    async def _play(self, episodes: list[Episode], budget: int | None = None) -> tuple[float, float]:
-        """Run the episodes until each ends or the token budget stops it; returns the generation time
-        and the scoring time that came after it."""
+    async def _play(self, episodes: list[Episode], groups: dict[str, list[Episode]] | None = None,
+                    budget: int | None = None) -> tuple[float, float]:
+        """Run the episodes until each ends or the token budget stops it, scoring each as it ends (a
+        group reward: each group of `groups` as its last member ends); returns the generation time and
+        the scoring time that came after it."""
         budget = self.budget if budget is None else budget
+        groups = groups or {}
+        scoring: set[str] = set()
         started = time.perf_counter()
         limit = asyncio.Semaphore(self.config.rollout.max_concurrent_episodes)
         generated_at: list[float] = []
@@ -163,8 +169,18 @@ class RolloutManager:
             async with limit:
                 trajectory = await episode.run(self.context)
             generated_at.append(time.perf_counter())
-            if trajectory.status in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED):
+            if trajectory.status not in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED):
+                return
+            if not trajectory.task.reward or not is_group_reward(get_reward(trajectory.task.reward)):
                 trajectory.reward = await self.scorer.score_episode(trajectory, self.config.reward.budget_penalty)
+                return
+            # A group reward scores the group once its last member has ended.
+            group = groups.get(trajectory.group_id, [episode])
+            if all(member.done for member in group) and trajectory.group_id not in scoring:
+                scoring.add(trajectory.group_id)
+                ended = [m.trajectory for m in group if m.trajectory.status in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED)]
+                for t, result in zip(ended, await self.scorer.score_group(ended, self.critic, self.config.reward.budget_penalty)):
+                    t.reward = result
 
         tasks = [asyncio.ensure_future(play(episode)) for episode in episodes]
         watcher = asyncio.ensure_future(self._enforce(budget)) if budget else None
