@@ -8,6 +8,8 @@ from rewards import code  # noqa: F401  (registers "code")
 from rewards import math_answer  # noqa: F401  (registers "math")
 from rewards import instruction  # noqa: F401  (registers "instruction")
 from rewards import puzzle  # noqa: F401  (registers "puzzle")
+from rewards import rubric  # noqa: F401  (registers "rubric" and "critic_verdict")
+from rewards import judge  # noqa: F401  (registers "judge")
 from rewards.budget import apply_budget
 from rewards.registry import (
     GroupRewardFn,

@@ -5,6 +5,17 @@ No model hub is needed. `k2rl bootstrap` (or the first `k2rl train` without
 a small Qwen2-architecture causal LM, and runs a short SFT on solutions in
 two styles (direct answers and worked column arithmetic). The policy is left
 weak, and mostly answers directly, so that RL has something to improve.
+
+Two more embedded policies (`model.embedded`), each cached under a name of its own so that the
+default policy stays exactly as it is:
+- `self-critique`: a longer context and comparison examples mixed into the SFT: a question, a right
+  and a wrong solution (or two equally good ones) in the comparison prompt of rewards/rubric.py,
+  and the verdict. Its critic then starts above chance.
+- `tool-use`: 3-digit multiplications (which a model this small cannot do in its head) mixed into
+  the SFT, a minority of them solved as a `python-tool` episode: a fenced python block that prints
+  the product, the tool's reply, then the boxed answer; the rest answered directly (and so, at
+  test time, mostly wrongly). The policy starts calling the tool now and then; RL finds out that
+  it pays.
 """
 
 from __future__ import annotations
@@ -23,10 +34,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from rl.data.arithmetic import arithmetic_eval_tasks, arithmetic_problem, arithmetic_train_problems
+from rewards.rubric import Verdict, comparison_messages, load_rubric
+from rl.data.arithmetic import TOOL_KIND, ArithmeticProblem, arithmetic_eval_tasks, arithmetic_problem, arithmetic_train_problems
 from rl.evaluation import greedy_accuracy_hf
+from rl.records import Task
+from rollout.environments.python_tool import INSTRUCTIONS as TOOL_INSTRUCTIONS
+from rollout.rendering import Renderer
 
 POLICY_NAME = "arith-qwen2-v1"
+# The rubric of the comparison examples: the one critic tasks use by default (reward.critic.rubric).
+COMPARISON_RUBRIC = "compact"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -50,21 +67,90 @@ class BootstrapSpec:
     sft_steps: int = 1000
     eval_size: int = 200
     worked_fraction: float = 0.4
+    # This share of the SFT batches are comparisons of two solutions, answered with the verdict (the
+    # critic's warm start); 0 builds exactly the default policy.
+    comparison_fraction: float = 0.0
+    # Of the comparisons, this share pairs two equally good solutions (verdict TIE).
+    tie_fraction: float = 0.2
+    # This share of the SFT batches are 3-digit multiplications in the python-tool environment's
+    # prompt; of those, `tool_call_fraction` are solved with a tool call, the rest directly. 0
+    # builds exactly the default policy.
+    tool_fraction: float = 0.0
+    tool_call_fraction: float = 0.25
 
 
-def default_policy_dir() -> Path:
+# The embedded policies that model.embedded names: cache name and spec. The self-critique policy has
+# room for a comparison prompt with two responses and more steps, so that it sees as many word
+# problems as the default policy does; so has the tool-use policy.
+EMBEDDED_POLICIES = {
+    "default": (POLICY_NAME, BootstrapSpec()),
+    "self-critique": ("arith-qwen2-critic-v1", BootstrapSpec(max_positions=512, comparison_fraction=0.3, sft_steps=1400)),
+    "tool-use": ("arith-qwen2-tools-v1", BootstrapSpec(tool_fraction=0.2, sft_steps=1250)),
+}
+# A critic's reply to a comparison: it works the problem out (the worked style), then gives the verdict.
+COMPARISON_REPLY_TOKENS = 64
+
+
+def default_policy_dir(name: str = POLICY_NAME) -> Path:
     cache = Path(os.environ.get("K2RL_CACHE", Path.home() / ".cache" / "k2rl"))
-    return cache / "policies" / POLICY_NAME
+    return cache / "policies" / name
 
 
-def ensure_default_policy() -> Path:
-    """Return the cached default policy, building it on first use."""
-    path = default_policy_dir()
+def ensure_default_policy(embedded: str = "default") -> Path:
+    """Return the cached embedded policy `embedded` (EMBEDDED_POLICIES), building it on first use."""
+    name, spec = EMBEDDED_POLICIES[embedded]
+    path = default_policy_dir(name)
     if not (path / "bootstrap.json").exists():
-        print(f"k2rl: building the default policy into {path} (one time, a few minutes)", file=sys.stderr)
-        report = bootstrap(path, BootstrapSpec())
-        print(f"k2rl: default policy built in {report.seconds:.0f} s: {report.describe()}", file=sys.stderr)
+        print(f"k2rl: building the embedded policy {name} into {path} (one time, a few minutes)", file=sys.stderr)
+        report = bootstrap(path, spec)
+        print(f"k2rl: {name} built in {report.seconds:.0f} s: {report.describe()}", file=sys.stderr)
     return path
+
+
+def _wrong_solution(problem: ArithmeticProblem, rng: random.Random, worked: bool) -> str:
+    """A wrong solution to the problem: a misread operand (the working is consistent but answers
+    another question) or a slip at the end (the working is right, the final answer is off)."""
+    b = problem.b + rng.choice((-2, -1, 1, 2))
+    if rng.random() < 0.5 and 0 < b != problem.b and not (problem.op == "-" and b > problem.a):
+        misread = ArithmeticProblem(problem.question, problem.a, problem.op, b, {"+": problem.a + b, "-": problem.a - b, "*": problem.a * b}[problem.op])
+        return misread.worked_solution() if worked else misread.direct_solution()
+    right = problem.worked_solution() if worked else problem.direct_solution()
+    slip = problem.answer + rng.choice((-10, -1, 1, 10))
+    return right.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{slip}}}")
+
+
+def comparison_example(problem: ArithmeticProblem, rng: random.Random, spec: BootstrapSpec, rubric: str) -> tuple[list[dict[str, str]], str]:
+    """A comparison prompt with two solutions of `problem`, each direct or worked: a right and a
+    wrong one in a random order, or (`spec.tie_fraction`) two right ones. The reply works the
+    problem out and ends with the verdict line: a critic this small cannot tell a right number from
+    a wrong one at a glance, but it can compute the answer and compare."""
+    def right() -> str:
+        return problem.worked_solution() if rng.random() < spec.worked_fraction else problem.direct_solution()
+
+    if rng.random() < spec.tie_fraction:
+        first, second, verdict = right(), right(), Verdict.TIE
+    else:
+        better, worse = right(), _wrong_solution(problem, rng, worked=rng.random() < spec.worked_fraction)
+        first, second, verdict = (better, worse, Verdict.A) if rng.random() < 0.5 else (worse, better, Verdict.B)
+    return comparison_messages(problem.question, first, second, rubric), f"{problem.worked_solution()}\nVERDICT: {verdict.value}"
+
+
+def comparison_eval_problems(spec: BootstrapSpec) -> list[ArithmeticProblem]:
+    """The questions of the warm-started critic's held-out comparisons (kept out of its SFT)."""
+    rng = random.Random(spec.seed + 4)
+    return [arithmetic_problem(rng) for _ in range(spec.eval_size)]
+
+
+def comparison_eval_tasks(spec: BootstrapSpec) -> list[Task]:
+    """Held-out comparisons, scored by `critic_verdict`: how often the critic gives the right verdict."""
+    rng = random.Random(spec.seed + 5)
+    rubric = load_rubric(COMPARISON_RUBRIC)
+    tasks = []
+    for index, problem in enumerate(comparison_eval_problems(spec)):
+        messages, reply = comparison_example(problem, rng, spec, rubric)
+        gold = reply.rsplit("VERDICT: ", 1)[1]
+        tasks.append(Task(f"compare-{index}", tuple(messages), "critique", "critic_verdict", {"gold": gold}))
+    return tasks
 
 
 def train_tokenizer(spec: BootstrapSpec) -> PreTrainedTokenizerFast:
@@ -73,6 +159,18 @@ def train_tokenizer(spec: BootstrapSpec) -> PreTrainedTokenizerFast:
     for _ in range(4000):
         problem = arithmetic_problem(rng)
         corpus += [problem.question, problem.direct_solution(), problem.worked_solution()]
+    if spec.comparison_fraction:
+        # The comparison prompt's words get tokens of their own, so that two responses fit the context.
+        comparison_rng = random.Random(spec.seed + 6)
+        rubric = load_rubric(COMPARISON_RUBRIC)
+        for _ in range(1000):
+            messages, reply = comparison_example(arithmetic_problem(comparison_rng), comparison_rng, spec, rubric)
+            corpus += [messages[0]["content"], reply]
+    if spec.tool_fraction:
+        tool_rng = random.Random(spec.seed + 7)
+        for _ in range(1000):
+            problem = arithmetic_problem(tool_rng, kinds=(TOOL_KIND,))
+            corpus += [TOOL_INSTRUCTIONS, problem.question, f"```python\nprint({problem.a} * {problem.b})\n```"]
     tokenizer = Tokenizer(models.BPE())
     # One token per digit, as in Qwen and Llama: numbers stay compositional.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -115,28 +213,58 @@ def build_model(spec: BootstrapSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen
     return Qwen2ForCausalLM(config)
 
 
-def _sft_batch(problems, tokenizer, rng: random.Random, worked_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def tool_episode(problem: ArithmeticProblem, renderer: Renderer, rng: random.Random, spec: BootstrapSpec) -> tuple[list[int], list[int]]:
+    """A 3-digit multiplication in the python-tool environment's prompt, as token ids and labels:
+    with probability `spec.tool_call_fraction` a tool call that prints the product, the tool's reply
+    (exactly as the environment renders it), then the boxed answer; otherwise the direct answer.
+    Tokens are joined the way an episode joins them (rollout/rendering.py), so the SFT sees what
+    the policy will see."""
+    prompt = renderer.prompt([{"role": "system", "content": TOOL_INSTRUCTIONS}, {"role": "user", "content": problem.question}])
+    answer = renderer.tokenizer(problem.direct_solution(), add_special_tokens=False)["input_ids"] + [renderer.eos_token_id]
+    if rng.random() >= spec.tool_call_fraction:
+        return prompt + answer, [-100] * len(prompt) + answer
+    call_text = f"```python\nprint({problem.a} * {problem.b})\n```"
+    call = renderer.tokenizer(call_text, add_special_tokens=False)["input_ids"] + [renderer.eos_token_id]
+    reply = renderer.bridge([{"role": "tool", "content": f"{problem.answer}\n"}])
+    return prompt + call + reply + answer, [-100] * len(prompt) + call + [-100] * len(reply) + answer
+
+
+def _tool_batch(problems, tokenizer, rng: random.Random, spec: BootstrapSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    renderer = Renderer(tokenizer, "chat")
+    return _padded([tool_episode(problem, renderer, rng, spec) for problem in problems], tokenizer.pad_token_id)
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels (-100 on the padding)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    label_ids = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows])
+    return input_ids, label_ids
+
+
+def _sft_batch(problems, tokenizer, rng: random.Random, spec: BootstrapSpec, comparisons: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and labels that are -100 everywhere but the response.
 
     The responses mix two styles, as real SFT data does: mostly direct answers, some
     worked column arithmetic. The worked style is far more often right; finding
-    that out is left to RL.
+    that out is left to RL. A batch of `comparisons` (the self-critique policy) holds
+    comparisons of two solutions instead, each answered with its verdict; such a
+    batch is all comparisons because they are longer, and padding short rows to
+    them would cost more than the comparisons themselves.
     """
-    rows, labels = [], []
+    rubric = load_rubric(COMPARISON_RUBRIC) if comparisons else ""
+    rows = []
     for problem in problems:
-        solution = problem.worked_solution() if rng.random() < worked_fraction else problem.direct_solution()
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": problem.question}], add_generation_prompt=True, tokenize=False
-        )
+        if comparisons:
+            messages, solution = comparison_example(problem, rng, spec, rubric)
+        else:
+            messages = [{"role": "user", "content": problem.question}]
+            solution = problem.worked_solution() if rng.random() < spec.worked_fraction else problem.direct_solution()
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + response_ids)
-        labels.append([-100] * len(prompt_ids) + response_ids)
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
-    label_ids = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
-    return input_ids, label_ids
+        rows.append((prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids))
+    return _padded(rows, tokenizer.pad_token_id)
 
 
 @dataclass
@@ -145,9 +273,12 @@ class BootstrapReport:
     eval_accuracy: float
     seconds: float
     parameters: int
+    # The self-critique policy: its share of right verdicts on held-out comparisons (chance is about 1/3).
+    comparison_accuracy: float | None = None
 
     def describe(self) -> str:
-        return f"{self.parameters:,} parameters, {self.sft_steps} SFT steps, held-out accuracy {self.eval_accuracy:.3f}"
+        comparisons = "" if self.comparison_accuracy is None else f", held-out verdict accuracy {self.comparison_accuracy:.3f}"
+        return f"{self.parameters:,} parameters, {self.sft_steps} SFT steps, held-out accuracy {self.eval_accuracy:.3f}{comparisons}"
 
 
 def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
@@ -158,12 +289,24 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
     model = build_model(spec, tokenizer)
     eval_tasks = arithmetic_eval_tasks(spec.eval_size)
     exclude = {task.messages[-1]["content"] for task in eval_tasks}
+    if spec.comparison_fraction:
+        exclude |= {problem.question for problem in comparison_eval_problems(spec)}
     problems = arithmetic_train_problems(spec.seed + 1, exclude)
+    # The tool-use policy's 3-digit problems never include a held-out one of that kind.
+    tool_exclude = {task.messages[-1]["content"] for task in arithmetic_eval_tasks(spec.eval_size, (TOOL_KIND,))}
+    tool_problems = arithmetic_train_problems(spec.seed + 8, tool_exclude, kinds=(TOOL_KIND,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     style_rng = random.Random(spec.seed + 2)
+    comparison_rng = random.Random(spec.seed + 3)
+    tool_rng = random.Random(spec.seed + 9)
     for _ in tqdm(range(spec.sft_steps), desc="bootstrap SFT", unit="step"):
-        batch = [next(problems) for _ in range(spec.sft_batch_size)]
-        input_ids, labels = _sft_batch(batch, tokenizer, style_rng, spec.worked_fraction)
+        # Each draw only when its feature is on, so that the default policy's random streams stay as they were.
+        if spec.tool_fraction and tool_rng.random() < spec.tool_fraction:
+            input_ids, labels = _tool_batch([next(tool_problems) for _ in range(spec.sft_batch_size)], tokenizer, tool_rng, spec)
+        elif spec.comparison_fraction and comparison_rng.random() < spec.comparison_fraction:
+            input_ids, labels = _sft_batch([next(problems) for _ in range(spec.sft_batch_size)], tokenizer, comparison_rng, spec, comparisons=True)
+        else:
+            input_ids, labels = _sft_batch([next(problems) for _ in range(spec.sft_batch_size)], tokenizer, style_rng, spec)
         loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -173,6 +316,8 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
         eval_accuracy=greedy_accuracy_hf(model, tokenizer, eval_tasks, max_new_tokens=48),
         seconds=round(time.perf_counter() - start, 1),
         parameters=sum(p.numel() for p in model.parameters()),
+        comparison_accuracy=greedy_accuracy_hf(model, tokenizer, comparison_eval_tasks(spec), max_new_tokens=COMPARISON_REPLY_TOKENS)
+        if spec.comparison_fraction else None,
     )
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from rewards import UnknownRewardError
-from rl.config import ConfigError, load_config
+from rl.config import EMBEDDED_POLICIES, ConfigError, load_config
 
 EXIT_ERROR = 2
 
@@ -39,6 +39,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from rl.loop import Controller, RewardErrorLimit
     from rl.run_checkpoint import CheckpointError
     from rl.weight_sync.transport import WeightSyncError
+    from rollout.critic import CriticError
     from rollout.environments import EnvironmentConfigError
     from rollout.rendering import RenderError
 
@@ -46,8 +47,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         config, run_dir = _train_config(ns)
         controller = Controller(config, run_dir)
         model_path = resolve_model_path(config)
-        if ns.resume is not None:
-            controller.resume_latest(model_path)
+        controller.prepare(model_path, resume=ns.resume is not None)
     except (ConfigError, CheckpointError, UnknownRewardError, EnvironmentConfigError, ImportError, ValueError, OSError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:
@@ -55,19 +55,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     import ray
 
-    from rl.cluster.ray_session import connect
+    from rl.cluster.ray_session import ray_session
 
     try:
-        connect(ns.ray_address, ns.verbose)
-        summary = controller.run(model_path)
-    except (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, RewardErrorLimit, RenderError, WeightSyncError) as error:
+        with ray_session(ns.ray_address, ns.verbose):
+            summary = controller.run(model_path)
+    except (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, RewardErrorLimit, RenderError, WeightSyncError,
+            CriticError) as error:
         return _fail(str(error))
     except ray.exceptions.RayError as error:
         return _fail(f"a Ray worker failed: {str(error).strip().splitlines()[-1]}")
     except KeyboardInterrupt:
         return _fail(f"interrupted; outputs so far are in {run_dir}")
-    finally:
-        ray.shutdown()
     if summary.stopped_at is not None:
         print(f"k2rl: stopped after step {summary.stopped_at} with a checkpoint; continue with: k2rl train --resume {run_dir}")
         return 0
@@ -111,7 +110,7 @@ def resolve_model_path(config) -> str:
     from rl.bootstrap import ensure_default_policy
 
     if not config.model.path:
-        return str(ensure_default_policy())
+        return str(ensure_default_policy(config.model.embedded))
     path = Path(config.model.path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
@@ -119,16 +118,19 @@ def resolve_model_path(config) -> str:
 
 
 def cmd_bootstrap(ns: argparse.Namespace) -> int:
-    from rl.bootstrap import BootstrapSpec, bootstrap, default_policy_dir
+    from rl.bootstrap import EMBEDDED_POLICIES, bootstrap, default_policy_dir
 
-    out_dir = Path(ns.out) if ns.out else default_policy_dir()
-    report = bootstrap(out_dir, BootstrapSpec())
-    print(f"k2rl: built the default policy in {report.seconds:.0f} s: {report.describe()}; saved to {out_dir}")
+    name, spec = EMBEDDED_POLICIES[ns.embedded]
+    out_dir = Path(ns.out) if ns.out else default_policy_dir(name)
+    report = bootstrap(out_dir, spec)
+    print(f"k2rl: built the {ns.embedded} policy in {report.seconds:.0f} s: {report.describe()}; saved to {out_dir}")
     return 0
 
 
 def cmd_score(ns: argparse.Namespace) -> int:
+    from rewards import get_reward, is_group_reward
     from rewards.offline import score_jsonl
+    from rollout.critic import CriticError
 
     input_path, output_path = Path(ns.input), Path(ns.output)
     if not input_path.is_file():
@@ -136,13 +138,42 @@ def cmd_score(ns: argparse.Namespace) -> int:
     if ns.concurrency < 1:
         return _fail(f"--concurrency must be >= 1, got {ns.concurrency}")
     try:
-        summary = score_jsonl(ns.reward, input_path, output_path, ns.concurrency)
-    except (UnknownRewardError, ImportError, OSError) as error:
+        if is_group_reward(get_reward(ns.reward)):
+            summary = _score_groups(ns, input_path, output_path)
+        elif ns.critic_model or ns.critic_url:
+            return _fail(f"reward {ns.reward!r} scores each response alone and uses no critic; drop --critic-model / --critic-url")
+        else:
+            summary = score_jsonl(ns.reward, input_path, output_path, ns.concurrency)
+    except (UnknownRewardError, ConfigError, CriticError, ImportError, OSError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:
         return _fail(f"interrupted; {output_path} is incomplete")
     print(f"k2rl: scored {summary.describe()}; wrote {output_path}")
     return 0
+
+
+def _score_groups(ns: argparse.Namespace, input_path: Path, output_path: Path):
+    """Score a file of groups with a group reward, on the critic that --critic-model (engines of
+    its own, on a local Ray cluster) or --critic-url names; a critic that cannot start fails in one line."""
+    from rewards.offline import score_groups_jsonl
+    from rl.config import RunConfig
+    from rollout.critic import EndpointCritic, ModelCritic, check_model_dir
+
+    if not ns.critic_model and not ns.critic_url:
+        raise ConfigError(f"reward {ns.reward!r} scores groups with a critic: give --critic-model DIR or --critic-url URL")
+    settings = RunConfig().reward.critic
+    if ns.critic_url:
+        critic = EndpointCritic.connect(ns.critic_url, settings.model, settings.timeout_s, settings.max_concurrency)
+        return score_groups_jsonl(ns.reward, input_path, output_path, ns.concurrency, critic)
+    check_model_dir(ns.critic_model)
+    from rl.cluster.ray_session import ray_session
+
+    with ray_session():
+        critic = ModelCritic.start(ns.critic_model, RunConfig(), settings.num_engines, settings.max_model_len, settings.kv_cache_gib)
+        try:
+            return score_groups_jsonl(ns.reward, input_path, output_path, ns.concurrency, critic)
+        finally:
+            critic.close()
 
 
 def cmd_sandbox_build_image(ns: argparse.Namespace) -> int:
@@ -179,6 +210,61 @@ def cmd_bench_weight_sync(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_step(ns: argparse.Namespace) -> int:
+    import tempfile
+
+    from rl.bench import BenchSize, built_in_sizes, run_step_bench
+
+    for flag, value in (("--steps", ns.steps), ("--length", ns.length), ("--prompts", ns.prompts), ("--samples", ns.samples)):
+        if value is not None and value <= 0:
+            return _fail(f"{flag} must be > 0, got {value}")
+    if ns.warmup < 0:
+        return _fail(f"--warmup must be >= 0, got {ns.warmup}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
+            if ns.model:
+                if not (Path(ns.model) / "config.json").is_file():
+                    return _fail(f"--model {ns.model} is not a Hugging Face model directory (no config.json)")
+                sizes = [BenchSize(Path(ns.model).name, ns.model, ns.prompts or 16, ns.samples or 8)]
+            else:
+                sizes = built_in_sizes(ns.sizes.split(","), Path(scratch))
+            bench = run_step_bench(sizes, ns.steps, ns.warmup, ns.length)
+    except ConfigError as error:
+        return _fail(str(error))
+    print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
+    return 0
+
+
+def cmd_bench_rollout(ns: argparse.Namespace) -> int:
+    from rl.bootstrap import ensure_default_policy
+    from rollout.bench import run_rollout_bench
+
+    for flag, value in (("--requests", ns.requests), ("--length", ns.length), ("--repeats", ns.repeats), ("--steps", ns.steps)):
+        if value <= 0:
+            return _fail(f"{flag} must be > 0, got {value}")
+    model = ns.model or str(ensure_default_policy())
+    if not (Path(model) / "config.json").is_file():
+        return _fail(f"--model {model} is not a Hugging Face model directory (no config.json)")
+    bench = run_rollout_bench(model, ns.requests, ns.length, ns.repeats, ns.steps, ns.warmup)
+    print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from rl.metrics import plot_runs
+
+    runs = {}
+    for item in ns.runs:
+        label, _, path = item.rpartition("=")
+        runs[label or Path(path).name] = Path(path)
+    try:
+        plot_runs(runs, ns.metric, Path(ns.out), ns.x)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error))
+    print(ns.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2rl", description="Kimi K2-style RL post-training for LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -197,15 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--verbose", action="store_true", help="show Ray and vLLM worker logs")
     train.set_defaults(handler=cmd_train)
 
-    boot = commands.add_parser("bootstrap", help="(re)build the embedded default policy")
+    plot = commands.add_parser("plot", help="one metric of several runs on one figure")
+    plot.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR", help="run directories, each optionally labelled")
+    plot.add_argument("--metric", default="eval_accuracy", help="a metrics.jsonl key (default eval_accuracy)")
+    plot.add_argument("--x", choices=("step", "minutes"), default="step", help="against step or minutes of RL (default step)")
+    plot.add_argument("--out", required=True, help="the PNG to write")
+    plot.set_defaults(handler=cmd_plot)
+
+    boot = commands.add_parser("bootstrap", help="(re)build an embedded policy")
+    boot.add_argument("--embedded", choices=EMBEDDED_POLICIES, default="default", help="which one (model.embedded; default: default)")
     boot.add_argument("--out", help="output folder (default: the cache used by `k2rl train`)")
     boot.set_defaults(handler=cmd_bootstrap)
 
     score = commands.add_parser("score", help="score a JSONL file of responses with a registered reward")
     score.add_argument("--reward", required=True, help="registered reward name, e.g. math")
-    score.add_argument("--input", required=True, help="JSONL: one object per line with `response` and the reward's fields")
+    score.add_argument("--input", required=True, help="JSONL: one object per line with `response` (a group reward: `responses` "
+                       "and `prompt`) and the reward's fields")
     score.add_argument("--output", required=True, help="JSONL: each input object plus `reward` and `reward_info`")
-    score.add_argument("--concurrency", type=int, default=4, help="responses scored at once (default 4)")
+    score.add_argument("--concurrency", type=int, default=4, help="responses (or groups) scored at once (default 4)")
+    critic = score.add_mutually_exclusive_group()
+    critic.add_argument("--critic-model", metavar="DIR", help="a group reward's critic: this Hugging Face model on a vLLM engine")
+    critic.add_argument("--critic-url", metavar="URL", help="a group reward's critic: an OpenAI-compatible endpoint (http://host:port/v1)")
     score.set_defaults(handler=cmd_score)
 
     sandbox = commands.add_parser("sandbox", help="manage the code-execution sandbox").add_subparsers(
@@ -231,6 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sync.add_argument("--repeats", type=int, default=3, help="timed rounds (memcpy, then the updates); each figure is its best (default 3)")
     bench_sync.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_sync.set_defaults(handler=cmd_bench_weight_sync)
+    bench_step = bench.add_parser("step", help="RL steps through k2rl vs a single-process baseline on the same work")
+    bench_step.add_argument("--sizes", default="default,large", help="built-in sizes: default (the embedded policy), large (~60 M)")
+    bench_step.add_argument("--model", help="bench this Hugging Face model directory instead of the built-in sizes")
+    bench_step.add_argument("--prompts", type=int, help="prompts per step, with --model (default 16)")
+    bench_step.add_argument("--samples", type=int, help="samples per prompt, with --model (default 8)")
+    bench_step.add_argument("--length", type=int, default=48, help="tokens of every response (default 48)")
+    bench_step.add_argument("--steps", type=int, default=3, help="timed steps per side (default 3)")
+    bench_step.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    bench_step.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_step.set_defaults(handler=cmd_bench_step)
+    bench_rollout = bench.add_parser("rollout", help="rollout layer vs offline LLM.generate; partial rollout vs none")
+    bench_rollout.add_argument("--model", help="a Hugging Face model directory (default: the embedded policy)")
+    bench_rollout.add_argument("--requests", type=int, default=128, help="requests in the overhead comparison (default 128)")
+    bench_rollout.add_argument("--length", type=int, default=48, help="tokens of each of those responses (default 48)")
+    bench_rollout.add_argument("--repeats", type=int, default=3, help="timed rounds of each side; the best counts (default 3)")
+    bench_rollout.add_argument("--steps", type=int, default=6, help="steady-state steps of each partial-rollout side (default 6)")
+    bench_rollout.add_argument("--warmup", type=int, default=3, help="steps before those (default 3)")
+    bench_rollout.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_rollout.set_defaults(handler=cmd_bench_rollout)
     return parser
 
 

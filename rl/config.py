@@ -21,11 +21,18 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the key or file."""
 
 
+# The embedded policies (rl/bootstrap.py) that model.embedded names.
+EMBEDDED_POLICIES = ("default", "self-critique", "tool-use")
+
+
 @dataclass
 class ModelConfig:
-    # A Hugging Face model directory; empty means the embedded default policy,
-    # built by `k2rl bootstrap` on first use.
+    # A Hugging Face model directory; empty means an embedded policy, built by `k2rl bootstrap`
+    # on first use and cached.
     path: str = ""
+    # Which embedded policy (rl/bootstrap.py): default, self-critique (comparisons in its SFT) or
+    # tool-use (python-tool episodes in its SFT).
+    embedded: str = "default"
     # The engines compute in this dtype; the trainer keeps float32 master weights and optimizer
     # state and computes in it (FSDP2 mixed precision).
     dtype: str = "float32"
@@ -69,6 +76,13 @@ class DataConfig:
     # The arithmetic generator: this share of its problems are 2-digit x 2-digit multiplications
     # (0: its usual mix of additions, subtractions and small multiplications).
     arithmetic_hard_fraction: float = 0.0
+    # The generator's kinds of problems, equally likely (rl/data/arithmetic.py): add, sub, mul,
+    # mul-2x2, mul-3x3.
+    arithmetic_kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul"])
+    # The environment (and its env_kwargs) of every task that names none, generated or from a
+    # file; empty: such tasks are single-turn.
+    env: str = ""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +104,9 @@ class RolloutConfig:
     # K2 budget control: the maximum response tokens per task type.
     token_budgets: dict[str, int] = field(default_factory=lambda: {"arithmetic": 48})
     default_token_budget: int = 64
+    # Generate every response to its token budget, ignoring the end of sequence (benchmarks that
+    # must compare equal work).
+    ignore_eos: bool = False
     num_engines: int = 1
     # vLLM tensor parallelism inside each engine (GPU only); each worker takes its shards of the
     # full tensors the checkpoint engine writes.
@@ -146,6 +163,34 @@ class LengthRewardConfig:
 
 
 @dataclass
+class CriticConfig:
+    # Who judges for the rewards that generate (rubric, judge) and answers the held-out comparisons:
+    # "policy" (the policy being trained, at its current weights, on the rollout engines: K2's
+    # self-critique), a Hugging Face model directory (served on engines of its own, never updated),
+    # or the base URL of an OpenAI-compatible endpoint (http://host:port/v1; the API key, if it needs
+    # one, in the environment variable K2RL_CRITIC_API_KEY).
+    backend: str = "policy"
+    # A model directory: its engines, their context length and KV cache.
+    num_engines: int = 1
+    max_model_len: int = 1024
+    kv_cache_gib: int = 1
+    # An endpoint: the model to ask (empty: the first the endpoint lists), how long one request may
+    # take, and how many requests are in flight at once.
+    model: str = ""
+    timeout_s: float = 60.0
+    max_concurrency: int = 16
+    # Critic refinement (K2): this share of each step's prompts are comparison tasks built from the
+    # previous step's groups whose verifier scores differ, rewarded by agreement with the verifier; 0: off.
+    share: float = 0.0
+    # critic_agreement (and the length heuristic's) at every evaluation, on this many held-out pairs
+    # built once at step 0 from responses to the eval prompts; 0: not measured.
+    heldout_pairs: int = 0
+    # The rubric of the comparison prompts of critic tasks and held-out pairs (a built-in name or a
+    # file). Their replies are as long as the token budget of task type "critique" allows.
+    rubric: str = "compact"
+
+
+@dataclass
 class RewardConfig:
     # A response cut at its token budget gets this instead of its reward.
     budget_penalty: float = 0.0
@@ -154,6 +199,28 @@ class RewardConfig:
     # scored so far, the run stops.
     max_error_frac: float = 0.05
     length: LengthRewardConfig = field(default_factory=LengthRewardConfig)
+    # Score every training task with this registered reward instead of its own (for example "rubric":
+    # self-critique with no verifier in the reward); evaluation keeps each task's own reward, which the
+    # replacement may still measure as its `verifier`. Empty: each task's own reward.
+    train_reward: str = ""
+    # Merged under the reward_spec of the tasks train_reward scores (a task's own keys win), for
+    # example {rubrics: compact, schedule: anchor, verifier_weight: 0.0}; `verifier` defaults to the
+    # task's own reward.
+    train_reward_spec: dict[str, str | float] = field(default_factory=dict)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+
+@dataclass
+class PTXConfig:
+    # K2's PTX loss: a next-token loss on a curated JSONL dataset (rl/data/ptx.py), against
+    # forgetting. Empty path: off.
+    path: str = ""
+    # Weight of the PTX loss beside the policy loss.
+    coef: float = 0.1
+    # PTX sequences per step, as a share of the step's RL samples.
+    share: float = 0.25
+    # The last this many examples are held out: their loss is `ptx_eval_loss` at each evaluation.
+    eval_size: int = 32
 
 
 @dataclass
@@ -178,6 +245,8 @@ class TrainerConfig:
     # grpo / ppo-clip: cap of the importance weight pi_old / pi_rollout on tokens an older weight
     # version generated (partial rollout); with k2 such tokens stay out of the loss.
     tis_cap: float = 2.0
+    # "muon": Muon for the hidden matrices and AdamW for the rest (Moonlight, K2); "adamw": AdamW for all.
+    optimizer: str = "muon"
     # One learning rate for both optimizers: Muon's update is scaled to AdamW's RMS.
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -191,6 +260,7 @@ class TrainerConfig:
     # QK-Clip (MuonClip): after each update, shrink the query/key projections of any head
     # whose largest attention logit exceeded this; 0 turns it off.
     qk_clip_threshold: float = 0.0
+    ptx: PTXConfig = field(default_factory=PTXConfig)
 
     def loss_settings(self):
         """The loss's knobs (rl/trainer/losses.py); a bad value raises ValueError naming its key."""
@@ -257,6 +327,8 @@ class RunConfig:
             raise ConfigError(
                 f"trainer.data_parallel_strategy must be auto, fsdp or replicate, got {self.trainer.data_parallel_strategy!r}"
             )
+        if self.trainer.optimizer not in ("muon", "adamw"):
+            raise ConfigError(f"trainer.optimizer must be muon or adamw, got {self.trainer.optimizer!r}")
         if self.rollout.partial.max_tokens_per_step < 0:
             raise ConfigError(f"rollout.partial.max_tokens_per_step must be >= 0 (0 is off), got {self.rollout.partial.max_tokens_per_step}")
         if self.rollout.partial.max_staleness < 0:
@@ -265,6 +337,7 @@ class RunConfig:
             raise ConfigError(f"checkpoint.every must be >= 0 (0: only when stopped), got {self.checkpoint.every}")
         if not 0 <= self.reward.max_error_frac <= 1:
             raise ConfigError(f"reward.max_error_frac must be in [0, 1], got {self.reward.max_error_frac}")
+        self._check_critic()
         if self.model.prompt_format not in ("auto", "chat", "plain"):
             raise ConfigError(f"model.prompt_format must be auto, chat or plain, got {self.model.prompt_format!r}")
         if self.rollout.max_engine_restarts < 0:
@@ -318,11 +391,55 @@ class RunConfig:
                 Curriculum(self.data.curriculum.steps, self.data.curriculum.start_fraction)
             if self.data.prioritized.enabled:
                 SuccessRates(self.data.prioritized.floor, self.data.prioritized.smoothing)
-            arithmetic_mix(self.data.arithmetic_hard_fraction)
+            arithmetic_mix(self.data.arithmetic_hard_fraction, tuple(self.data.arithmetic_kinds))
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        ptx = self.trainer.ptx
+        if ptx.path and (ptx.coef <= 0 or not 0 < ptx.share <= 1 or ptx.eval_size < 0):
+            raise ConfigError(
+                f"trainer.ptx needs coef > 0, share in (0, 1] and eval_size >= 0, got coef={ptx.coef:g}, "
+                f"share={ptx.share:g}, eval_size={ptx.eval_size}"
+            )
+        if ptx.path and not Path(ptx.path).is_file():
+            raise ConfigError(f"trainer.ptx.path: {ptx.path} does not exist")
         if self.data.arithmetic_hard_fraction and self.data.train_path:
             raise ConfigError("data.arithmetic_hard_fraction applies only to the built-in generator (data.train_path is set)")
+        if self.data.env_kwargs and not self.data.env:
+            raise ConfigError("data.env_kwargs needs data.env: the environment they are for")
+        if self.model.embedded not in EMBEDDED_POLICIES:
+            raise ConfigError(f"model.embedded must be one of {', '.join(EMBEDDED_POLICIES)}, got {self.model.embedded!r}")
+        if self.model.embedded != "default" and self.model.path:
+            raise ConfigError(f"model.embedded={self.model.embedded} picks an embedded policy; it needs model.path empty")
+
+    def _check_critic(self) -> None:
+        critic = self.reward.critic
+        backend = critic.backend
+        if backend != "policy" and not backend.startswith(("http://", "https://")) and not (Path(backend) / "config.json").is_file():
+            raise ConfigError(
+                f"reward.critic.backend: {backend!r} is not \"policy\", an http(s) URL, or a Hugging Face model "
+                "directory (no config.json there)"
+            )
+        for key in ("num_engines", "max_model_len", "kv_cache_gib", "max_concurrency"):
+            if getattr(critic, key) <= 0:
+                raise ConfigError(f"reward.critic.{key} must be > 0, got {getattr(critic, key)}")
+        if critic.timeout_s <= 0:
+            raise ConfigError(f"reward.critic.timeout_s must be > 0, got {critic.timeout_s:g}")
+        if not 0 <= critic.share < 1:
+            raise ConfigError(f"reward.critic.share must be in [0, 1), got {critic.share:g}")
+        if critic.heldout_pairs < 0:
+            raise ConfigError(f"reward.critic.heldout_pairs must be >= 0 (0: not measured), got {critic.heldout_pairs}")
+        from rewards import get_reward
+        from rewards.rubric import load_rubric
+
+        try:
+            load_rubric(critic.rubric)
+        except ValueError as error:
+            raise ConfigError(f"reward.critic.rubric: {error}") from None
+        if self.reward.train_reward:
+            try:
+                get_reward(self.reward.train_reward)
+            except ValueError as error:
+                raise ConfigError(f"reward.train_reward: {error}") from None
 
     def changed_keys(self, other: RunConfig) -> list[str]:
         """Dotted keys whose values differ between the two configs."""
@@ -438,7 +555,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{key}.")
+    if hint is Any:
+        return value
     origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(item_type, item, f"{key}[{index}]") for index, item in enumerate(value)]
     if origin is dict:
         key_type, value_type = typing.get_args(hint)
         if not isinstance(value, dict):

@@ -11,6 +11,7 @@ It moves token ids and numbers between processes, never weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -24,12 +25,14 @@ from tqdm import tqdm
 from rewards import RewardScorer, get_reward
 from rl.cluster.workers import Workers
 from rl.config import RunConfig
+from rl.critique import CRITIQUE_TASK_TYPE, CriticRefinement
 from rl.data import PromptSampler, load_eval_tasks, load_train_pool
 from rl.data.curriculum import Curriculum, SuccessRates
+from rl.data.ptx import PTXData
 from rl.evaluation import accuracy
 from rewards.length import LengthReward
 from rl.metrics import MetricsLogger
-from rl.records import TrainSample, Trajectory
+from rl.records import Task, TrainSample, Trajectory
 from rl.run_checkpoint import (
     CheckpointError,
     LoopState,
@@ -67,67 +70,92 @@ class Controller:
         self.config = config
         self.run_dir = run_dir
         data = config.data
-        self.eval_tasks = load_eval_tasks(data.eval_path, data.columns, data.eval_size)
+        kinds = tuple(data.arithmetic_kinds)
+        self.eval_tasks = self._with_env(load_eval_tasks(data.eval_path, data.columns, data.eval_size, kinds))
         self.sampler = PromptSampler(
             load_train_pool(data.train_path, data.columns), config.seed, self.eval_tasks,
             curriculum=Curriculum(data.curriculum.steps, data.curriculum.start_fraction) if data.curriculum.steps else None,
             success_rates=SuccessRates(data.prioritized.floor, data.prioritized.smoothing) if data.prioritized.enabled else None,
-            hard_fraction=data.arithmetic_hard_fraction,
+            hard_fraction=data.arithmetic_hard_fraction, kinds=kinds,
         )
         # An unknown reward or environment fails here, before any process starts.
         for name in self.sampler.reward_names() | {task.reward for task in self.eval_tasks if task.reward}:
             get_reward(name)
-        for env_id, kwargs in {(t.env, json.dumps(t.env_kwargs, sort_keys=True)) for t in self.sampler.tasks() + self.eval_tasks if t.env}:
+        self.critique = CriticRefinement(config, run_dir)
+        self.critique.check(self._with_env(self.sampler.tasks()) + self.eval_tasks)
+        for env_id, kwargs in {(t.env, json.dumps(t.env_kwargs, sort_keys=True)) for t in self._with_env(self.sampler.tasks()) + self.eval_tasks if t.env}:
             environments.check(env_id, json.loads(kwargs))
         self.temperature = TemperatureSchedule.parse(config.rollout.temperature)
         self.length_reward = LengthReward(config.reward.length.weight, config.reward.length.warmup_steps)
         self.loss = get_loss(config.trainer.loss)(config.trainer.loss_settings())
         self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep)
+        self.ptx: PTXData | None = None
         self.resume_from: tuple[Path, LoopState] | None = None
+        self._prepared = False
         self.version = 0
         self.reward_errors = self.responses_scored = 0
         self._stop_signal: int | None = None
 
-    def resume_latest(self, model_path: str) -> None:
-        """Continue from the latest usable checkpoint (checked against the model before anything starts)."""
-        path, state = self.checkpoints.latest()
-        if state.model_fingerprint != model_fingerprint(model_path):
-            raise CheckpointError(
-                f"checkpoint {path} was written for a different model (its parameter names or shapes differ from model.path's)"
-            )
-        self.resume_from = path, state
+    def prepare(self, model_path: str, resume: bool = False) -> None:
+        """What can fail before any process starts: the PTX data, and (`resume`) the latest usable
+        checkpoint, checked against the model. `run` calls it when nobody did."""
+        config = self.config
+        if config.trainer.ptx.path:
+            renderer = Renderer.from_pretrained(model_path, config.model.prompt_format)
+            self.ptx = PTXData(config.trainer.ptx.path, renderer, config.rollout.max_model_len,
+                               config.trainer.ptx.eval_size, config.seed)
+        if resume:
+            path, state = self.checkpoints.latest()
+            if state.model_fingerprint != model_fingerprint(model_path):
+                raise CheckpointError(
+                    f"checkpoint {path} was written for a different model (its parameter names or shapes differ from model.path's)"
+                )
+            self.resume_from = path, state
+        self._prepared = True
 
-    def run(self, model_path: str, on_step: Callable[[int, Workers], None] | None = None) -> RunSummary:
-        """Every iteration from the start, or from the checkpoint chosen by `resume_latest`;
-        `on_step(step, workers)` is called after each weight update."""
+    def run(self, model_path: str, on_step: Callable[[int, Workers], None] | None = None,
+            workers: Workers | None = None) -> RunSummary:
+        """Every iteration from the start, or from the checkpoint chosen by `prepare`;
+        `on_step(step, workers)` is called after each weight update. Given `workers` (started for
+        the same model, mesh and engines), the run uses them as they are and leaves them running."""
         config = self.config
         started = time.perf_counter()
+        if not self._prepared:
+            self.prepare(model_path)
         resume = self.resume_from is not None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         handler = _log_to(self.run_dir / "train.log")
         scorer = RewardScorer(config.reward.num_workers)
-        workers: Workers | None = None
+        own_workers = workers is None
         rollout: RolloutManager | None = None
         metrics: MetricsLogger | None = None
         fingerprint = model_fingerprint(model_path)
         previous_handlers = _catch_stop_signals(self._on_signal)
         try:
-            workers = Workers.start(config, model_path)
+            if own_workers:
+                workers = Workers.start(config, model_path)
+            else:
+                workers.serve(config)
+            log.info("workers started in %.1f s", time.perf_counter() - started)
             rollout = RolloutManager(config, workers.engines, Renderer.from_pretrained(model_path, config.model.prompt_format), scorer)
             first_step = self._restore(workers, rollout, *self.resume_from) + 1 if resume else 1
             metrics = MetricsLogger(self.run_dir, resumed_at=first_step - 1 if resume else None)
             workers.weight_sync.push(self.version)
+            self.critique.prepare_heldout(rollout, self.eval_tasks)
             initial = final = None
             if not resume:
                 initial = final = self._evaluate(rollout)
-                metrics.log({"step": 0, "weight_version": 0, "eval_accuracy": initial})
+                metrics.log({"step": 0, "weight_version": 0, "eval_accuracy": initial, **self.critique.evaluate(rollout),
+                             **self._ptx_eval(workers)})
             progress = tqdm(range(first_step, config.steps + 1), desc="k2rl train", unit="step", initial=first_step - 1, total=config.steps)
             for step in progress:
                 row = self.iteration(step, workers, rollout)
                 if step % config.data.eval_every == 0 or step == config.steps:
                     eval_started = time.perf_counter()
                     final = row["eval_accuracy"] = self._evaluate(rollout)
+                    row.update(self.critique.evaluate(rollout))
+                    row.update(self._ptx_eval(workers))
                     row["time_eval_s"] = time.perf_counter() - eval_started
                 metrics.log(row)
                 if on_step is not None:
@@ -146,7 +174,7 @@ class Controller:
             if rollout is not None:
                 rollout.close()
             scorer.close()
-            if workers is not None:
+            if own_workers and workers is not None:
                 workers.shutdown()
             if metrics is not None:
                 metrics.close()
@@ -156,19 +184,23 @@ class Controller:
         config = self.config
         started = time.perf_counter()
         temperature = self.temperature.temperature_at(step - 1)
-        tasks = self.sampler.sample(config.data.prompts_per_step)
+        critic_tasks = self.critique.critic_task_count(config.data.prompts_per_step)
+        tasks = self.critique.step_tasks(self._with_env(self.sampler.sample(config.data.prompts_per_step - critic_tasks)), critic_tasks)
         step_rollout = rollout.collect(tasks, step, temperature, self.version)
         trajectories = step_rollout.trajectories
         self._count_reward_errors(trajectories)
         scored = [t for t in trajectories if t.trainable]
-        self.sampler.update([t.task for t in scored], [float(t.reward.score >= 1.0) for t in scored])
+        sampled = [t for t in scored if t.task.task_type != CRITIQUE_TASK_TYPE]
+        self.sampler.update([t.task for t in sampled], [float(t.reward.score >= 1.0) for t in sampled])
+        self.critique.observe(step_rollout.groups, rollout.context.renderer, config.rollout.max_model_len)
         length_rewards = self._length_rewards(scored, step)
         samples = self.training_samples(trajectories, length_rewards)
         rollout_done = time.perf_counter()
 
         train_metrics = {}
         if samples:
-            train_metrics = workers.trainers.train(samples, self.version)
+            ptx = self.ptx.sample(max(1, round(config.trainer.ptx.share * len(samples)))) if self.ptx else []
+            train_metrics = workers.trainers.train(samples, self.version, ptx, config.trainer.ptx.coef)
         train_done = time.perf_counter()
         if samples:
             self.version = workers.weight_sync.push(self.version + 1)
@@ -187,6 +219,7 @@ class Controller:
             "truncated_frac": sum(t.truncated for t in trajectories) / count,
             "reward_error_frac": sum(t.reward is not None and t.reward.failed for t in trajectories) / count,
             "temperature": temperature,
+            "samples_trained": sum(any(s.loss_mask) for s in samples),
             **train_metrics,
             "weight_version": self.version,
             "rollout_weight_version": min((t.oldest_version for t in trajectories), default=self.version),
@@ -197,7 +230,9 @@ class Controller:
             "time_weight_sync_s": sync_done - train_done,
             "time_step_s": sync_done - started,
             "reward_reasons": reasons,
+            **self.critique.step_metrics(trajectories, rollout.critic),
         }
+        row.update(_episode_metrics([t for t in trajectories if t.task.env]))
         if config.reward.length.weight:
             row["length_reward_mean"] = sum(length_rewards.values()) / max(len(length_rewards), 1)
         if config.rollout.partial.max_tokens_per_step:
@@ -206,6 +241,13 @@ class Controller:
             row["staleness_max"] = max(staleness, default=0)
             row["stale_tokens"] = sum(s.loss_mask[i] for s in samples for i, v in enumerate(s.versions) if 0 <= v < self.version - 1)
         return row
+
+    def _with_env(self, tasks: list[Task]) -> list[Task]:
+        """The tasks, each without an environment of its own played in `data.env`."""
+        data = self.config.data
+        if not data.env:
+            return tasks
+        return [task if task.env else dataclasses.replace(task, env=data.env, env_kwargs=dict(data.env_kwargs)) for task in tasks]
 
     def _length_rewards(self, scored: list[Trajectory], step: int) -> dict[int, float]:
         """K1.5's length reward of each scored trajectory (by id), within its group."""
@@ -229,6 +271,12 @@ class Controller:
             TrainSample.of(t, advantages[id(t)]) if t.trainable else TrainSample.of(t, 0.0, loss_mask=[0] * len(t.loss_mask))
             for t in trajectories
         ]
+
+    def _ptx_eval(self, workers: Workers) -> dict[str, float]:
+        """The loss on the held-out PTX examples: how much of that skill the policy keeps."""
+        if self.ptx is None or not self.ptx.heldout:
+            return {}
+        return {"ptx_eval_loss": workers.trainers.ptx_eval(self.ptx.heldout)}
 
     def _evaluate(self, rollout: RolloutManager) -> float:
         """Greedy accuracy on the held-out tasks; a response cut at its budget counts as wrong."""
@@ -254,6 +302,7 @@ class Controller:
     def _checkpoint(self, step: int, workers: Workers, rollout: RolloutManager, fingerprint: str) -> None:
         staging = self.checkpoints.staging(step)
         workers.trainers.save_state(str(staging / "trainer"))
+        self.critique.save(staging)
         state = LoopState(
             step=step,
             weight_version=self.version,
@@ -263,6 +312,7 @@ class Controller:
             responses_scored=self.responses_scored,
             model_fingerprint=fingerprint,
             partial_buffer=rollout.state_dict(),
+            ptx=self.ptx.state_dict() if self.ptx else {},
         )
         path = self.checkpoints.commit(staging, state, self.run_dir / "metrics.jsonl")
         log.info("checkpoint written: %s", path)
@@ -272,6 +322,9 @@ class Controller:
         workers.trainers.load_state(str(path / "trainer"))
         rollout.load_state_dict(state.partial_buffer, self.temperature.temperature_at(state.step))
         self.sampler.load_state_dict(state.sampler)
+        if self.ptx:
+            self.ptx.load_state_dict(state.ptx)
+        self.critique.load(path)
         restore_driver_rng(state.rng)
         self.version = state.weight_version
         self.reward_errors, self.responses_scored = state.reward_errors, state.responses_scored
@@ -284,6 +337,17 @@ class Controller:
             raise KeyboardInterrupt  # a second signal: stop now
         self._stop_signal = signum
         log.warning("%s: finishing this step, writing a checkpoint, then stopping (again to stop at once)", signal.Signals(signum).name)
+
+
+def _episode_metrics(episodes: list[Trajectory]) -> dict[str, float]:
+    """Of environment episodes: policy turns per episode, and the share that called a tool (got a
+    `tool` message back) at least once."""
+    if not episodes:
+        return {}
+    return {
+        "turns_mean": sum(sum(turn.role == "assistant" for turn in t.turns) for t in episodes) / len(episodes),
+        "tool_call_rate": sum(any(m["role"] == "tool" for m in t.messages) for t in episodes) / len(episodes),
+    }
 
 
 # The packages whose log lines go to the run log (train.log); warnings also reach the console.

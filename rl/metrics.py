@@ -58,3 +58,34 @@ def plot_rewards(rows: list[dict[str, Any]], out_path: Path) -> None:
     figure.tight_layout()
     figure.savefig(out_path, dpi=120)
     plt.close(figure)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows; one line naming the file when it is missing."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(runs: dict[str, Path], metric: str, out_path: Path, x: str = "step") -> None:
+    """One metric of several runs on one figure, against `x` ("step", or "minutes" of RL: the
+    running sum of time_step_s), each run labelled with its key."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, run_dir in runs.items():
+        rows = read_metrics(run_dir)
+        if not any(metric in row for row in rows):
+            raise ValueError(f"{run_dir}/metrics.jsonl has no {metric!r}")
+        elapsed, points = 0.0, []
+        for row in rows:
+            elapsed += row.get("time_step_s", 0.0)
+            if metric in row:
+                points.append((elapsed / 60 if x == "minutes" else row["step"], row[metric]))
+        axis.plot(*zip(*points), label=label, marker="o" if len(points) < 40 else None, markersize=3)
+    axis.set_xlabel("minutes of RL" if x == "minutes" else "step")
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=120)
+    plt.close(figure)

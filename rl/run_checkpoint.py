@@ -50,6 +50,7 @@ class LoopState:
     # The model the run trains (architecture and parameter shapes), to refuse another model's checkpoint.
     model_fingerprint: str
     partial_buffer: list[dict[str, Any]] = field(default_factory=list)
+    ptx: dict[str, Any] = field(default_factory=dict)
 
 
 def driver_rng_state() -> dict[str, Any]:

@@ -73,45 +73,53 @@ class GenerationResult:
     weight_version: int
 
 
+def engine_arguments(spec: EngineSpec) -> dict:
+    """vLLM's engine arguments for `spec` (the async engine here, and an offline `LLM` in benchmarks).
+    Sets the process environment that vLLM reads when it starts."""
+    # vLLM's legacy variable would silently override rollout.kv_cache_gib; an empty value crashes it.
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    # vLLM's own process group would otherwise use the machine's network address; the node's
+    # address keeps it where Ray put the node (loopback for a run's own local cluster).
+    os.environ["VLLM_HOST_IP"] = _node_address()
+    # With one worker, it runs inside the engine core process ("uni" executor below) instead of
+    # a third process of its own; the engine core is a child process of this actor either way.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return dict(
+        model=spec.model_path,
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        seed=spec.seed,
+        worker_extension_cls=WORKER_EXTENSION,
+        # Logprobs of the distribution actually sampled from (after temperature), which
+        # is what the trainer computes for the same tokens.
+        logprobs_mode="processed_logprobs",
+        # Turns of one episode share their prefix; the cache is reset on every update.
+        enable_prefix_caching=True,
+        # A prompt is prefilled whole: on CPU, vLLM cannot rewind a seeded request's random
+        # generator after a partial prefill, so seeded requests and chunked prefill do not mix.
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=max(spec.max_model_len, _PREFILL_TOKENS),
+        disable_log_stats=True,
+        enforce_eager=spec.enforce_eager,
+        # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would
+        # reserve most of the machine and a GPU engine most of the device.
+        kv_cache_memory_bytes=spec.kv_cache_gib * 1024**3,
+        load_format=spec.load_format,
+        enable_sleep_mode=spec.sleep_between_rollouts,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else None,
+    )
+
+
 class RolloutEngine:
     """Run as an async Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
 
     def __init__(self, spec: EngineSpec):
-        # vLLM's legacy variable would silently override rollout.kv_cache_gib; an empty value crashes it.
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        # vLLM's own process group would otherwise use the machine's network address; the node's
-        # address keeps it where Ray put the node (loopback for a run's own local cluster).
-        os.environ["VLLM_HOST_IP"] = _node_address()
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.spec = spec
-        self._llm = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(
-                model=spec.model_path,
-                dtype=spec.dtype,
-                max_model_len=spec.max_model_len,
-                seed=spec.seed,
-                worker_extension_cls=WORKER_EXTENSION,
-                # Logprobs of the distribution actually sampled from (after temperature), which
-                # is what the trainer computes for the same tokens.
-                logprobs_mode="processed_logprobs",
-                # Turns of one episode share their prefix; the cache is reset on every update.
-                enable_prefix_caching=True,
-                # A prompt is prefilled whole: on CPU, vLLM cannot rewind a seeded request's random
-                # generator after a partial prefill, so seeded requests and chunked prefill do not mix.
-                enable_chunked_prefill=False,
-                max_num_batched_tokens=max(spec.max_model_len, _PREFILL_TOKENS),
-                disable_log_stats=True,
-                enforce_eager=spec.enforce_eager,
-                # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would
-                # reserve most of the machine and a GPU engine most of the device.
-                kv_cache_memory_bytes=spec.kv_cache_gib * 1024**3,
-                load_format=spec.load_format,
-                enable_sleep_mode=spec.sleep_between_rollouts,
-                tensor_parallel_size=spec.tensor_parallel_size,
-            )
-        )
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_arguments(spec)))
         self._node_id = _node_id()
         # None until weights from weight sync have fully arrived (also after a failed update).
         self.weight_version: int | None = 0 if spec.load_format != "dummy" else None
@@ -126,7 +134,10 @@ class RolloutEngine:
         """Finish starting: plain weights for cheap updates, and one tiny generation, so that a model
         the backend cannot run fails here, at start. Returns the weight version held."""
         if not self._started:
-            await self._llm.collective_rpc("k2rl_keep_plain_weights", args=(self.spec.load_format != "dummy",))
+            read_from_disk = self.spec.load_format != "dummy"
+            await self._llm.collective_rpc("k2rl_keep_plain_weights", args=(read_from_disk,))
+            if read_from_disk:
+                await self._llm.collective_rpc("k2rl_pack_weights")
             token = self._llm.get_tokenizer().eos_token_id or 0
             warm_up = GenerationRequest("warm-up", (token, token), max_tokens=2, temperature=1.0, seed=0)
             await self._generate_one(warm_up, self._params(warm_up))
@@ -203,6 +214,7 @@ class RolloutEngine:
             await self._llm.collective_rpc("k2rl_load_bucket", args=(index,))
 
         await self._reader.read(update, load)
+        await self._llm.collective_rpc("k2rl_pack_weights")
         await self._llm.reset_prefix_cache()
         self.weight_version = update.version
         return update.version

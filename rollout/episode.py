@@ -32,6 +32,7 @@ class EpisodeSettings:
     max_turns: int
     max_model_len: int
     step_timeout_s: float
+    ignore_eos: bool = False
 
 
 class EnvironmentFailure(RuntimeError):
@@ -111,6 +112,7 @@ class Episode:
                     top_p=self.settings.top_p,
                     seed=None if greedy else request_seed(self.run_seed, t.group_id, t.sample_index, position),
                     count_tokens=ctx.counts_tokens,
+                    ignore_eos=self.settings.ignore_eos,
                 )
                 result = await ctx.pool.generate(request, self.engine)
                 t.append("assistant", result.token_ids, result.logprobs, result.weight_version, self.settings.temperature)

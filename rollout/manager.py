@@ -29,7 +29,7 @@ from rewards import RewardScorer, get_reward, is_group_reward
 from rl.config import RunConfig
 from rl.records import EpisodeStatus, Task, Trajectory
 from rollout.environments import EnvironmentHost
-from rollout.critic import PolicyCritic
+from rollout.critic import open_critic
 from rollout.environments.base import Environment
 from rollout.episode import Episode, EpisodeSettings
 from rollout.rendering import Renderer
@@ -77,7 +77,7 @@ class RolloutManager:
         self.budget = config.rollout.partial.max_tokens_per_step
         self.environments = EnvironmentHost(config.rollout.env_workers, config.rollout.step_timeout_s)
         self.context = RolloutContext(pool, renderer, self.environments.make, counts_tokens=self.budget > 0)
-        self.critic = PolicyCritic(pool, renderer, config.rollout.max_model_len)
+        self.critic = open_critic(config, pool, renderer)
         self.loop = pool.loop
         # Partial rollout: groups carried over to the next step, by group id.
         self.buffer: dict[str, list[Episode]] = {}
@@ -91,6 +91,7 @@ class RolloutManager:
             max_turns=rollout.max_turns,
             max_model_len=rollout.max_model_len,
             step_timeout_s=rollout.step_timeout_s,
+            ignore_eos=rollout.ignore_eos,
         )
 
     def collect(self, tasks: list[Task], step: int, temperature: float, policy_version: int) -> StepRollout:
@@ -123,10 +124,11 @@ class RolloutManager:
             }
         return rollout
 
-    def evaluate(self, tasks: list[Task]) -> list[Trajectory]:
-        """One greedy episode per task, scored, in task order (no token budget applies)."""
-        episodes = [Episode(task, f"eval-{index}", 0, self.settings(task, 0.0), self.config.seed)
-                    for index, task in enumerate(tasks)]
+    def evaluate(self, tasks: list[Task], samples: int = 1, temperature: float = 0.0) -> list[Trajectory]:
+        """`samples` episodes per task (one greedy episode by default), scored, in task order (no
+        token budget applies, nothing is buffered)."""
+        episodes = [Episode(task, f"eval-{index}", sample, self.settings(task, temperature), self.config.seed)
+                    for index, task in enumerate(tasks) for sample in range(samples)]
         counts, self.context.counts_tokens = self.context.counts_tokens, False
         try:
             self.loop.run_until_complete(self._play(episodes, budget=0))
@@ -215,8 +217,9 @@ class RolloutManager:
             self.buffer.setdefault(episode.trajectory.group_id, []).append(episode)
 
     def close(self) -> None:
-        """Stop the environment workers (the engines belong to the pool)."""
+        """Stop the environment workers and the critic's own engines, if any (the run's engines belong to the pool)."""
         for members in self.buffer.values():
             for episode in members:
                 episode.close()
         self.environments.close()
+        self.critic.close()

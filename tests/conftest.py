@@ -37,3 +37,21 @@ def ray_cluster():
     connect()
     yield ray
     ray.shutdown()
+
+
+# The actors of the shared `tiny_workers`: a run given them may change anything but these (and
+# what Workers.serve checks).
+TINY_WORKERS = ["trainer.micro_batch_size=4", "rollout.max_model_len=256"]
+
+
+@pytest.fixture(scope="session")
+def tiny_workers(tiny_policy, ray_cluster):
+    """One engine and two trainer ranks for the tiny policy, shared by the tests that need a running
+    loop but not fresh weights (starting them costs half a minute here). Tests that train move the
+    weights on; each run pushes the trainer's weights to the engine at its start."""
+    from rl.cluster.workers import Workers
+    from rl.config import load_config
+
+    workers = Workers.start(load_config(None, [f"model.path={tiny_policy}", *TINY_WORKERS]), str(tiny_policy))
+    yield workers
+    workers.shutdown()

@@ -45,6 +45,12 @@ def test_overrides_are_typed():
         (["checkpoint.keep=0"], "checkpoint.keep must be > 0"),
         (["reward.max_error_frac=2"], "reward.max_error_frac must be in"),
         (["model.prompt_format=xml"], "model.prompt_format must be auto, chat or plain"),
+        (["trainer.loss=reinforce"], "trainer.loss: unknown loss 'reinforce'"),
+        (["rollout.temperature={schedule: linear, start: 1.0, end: 0.5, steps: 0}"], "rollout.temperature"),
+        (["trainer.ptx.path=/no/such.jsonl"], "trainer.ptx.path: /no/such.jsonl does not exist"),
+        (["trainer.data_parallel_strategy=zero3"], "trainer.data_parallel_strategy must be auto, fsdp or replicate"),
+        (["trainer.optimizer=sgd"], "trainer.optimizer must be muon or adamw"),
+        (["rollout.partial.max_tokens_per_step=-1"], "rollout.partial.max_tokens_per_step must be >= 0"),
         (["rollout.max_engine_restarts=-1"], "rollout.max_engine_restarts must be >= 0"),
         (["rollout.placement=shared"], "rollout.placement must be disaggregated or colocated"),
         (["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size must be > 0"),
@@ -93,3 +99,13 @@ def test_cli_unknown_reward(capsys, tmp_path):
     )
     assert code == 2
     assert len(lines) == 1 and "unknown reward 'no_such_reward'" in lines[0]
+
+
+def test_a_curriculum_needs_a_difficulty_on_every_task(tmp_path):
+    from rl.loop import Controller
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "easy", "prompt": "1 + 1?", "answer": 2, "difficulty": 1}\n{"id": "plain", "prompt": "2 + 2?", "answer": 4}\n')
+    config = load_config(None, [f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.curriculum.steps=10"])
+    with pytest.raises(ValueError, match="data.curriculum needs a difficulty for every task; task 'plain' has none"):
+        Controller(config, tmp_path / "run")

@@ -303,7 +303,7 @@ def test_sync_environments_run_in_workers(ray_cluster):
 
 @pytest.mark.integration
 def test_a_hung_step_replaces_its_worker_and_its_neighbours_replay(ray_cluster):
-    host = EnvironmentHost(workers=1, step_timeout_s=3.0)
+    host = EnvironmentHost(workers=1, step_timeout_s=8.0)
 
     async def episodes():
         hung, neighbour = host.make(task_for("test-counter")), host.make(task_for("test-counter"))

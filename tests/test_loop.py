@@ -12,7 +12,7 @@ from rollout.rendering import Renderer
 pytestmark = pytest.mark.integration
 
 
-def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster, tmp_path):
+def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays(tiny_policy, ray_cluster, tmp_path):
     config = load_config(
         None,
         [
@@ -23,6 +23,8 @@ def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster,
             "data.eval_every=1",
             "trainer.micro_batch_size=2",
             "trainer.optimizer_steps_per_batch=2",
+            # A decaying temperature: the trainer computes each token's logprob at its own temperature.
+            "rollout.temperature={schedule: linear, start: 1.0, end: 0.6, steps: 2}",
             f"model.path={tiny_policy}",
         ],
     )
@@ -51,6 +53,7 @@ def test_two_iterations_update_engine_weights_in_place(tiny_policy, ray_cluster,
                     "logprob_diff_mean", "time_rollout_s", "time_reward_s", "time_train_s", "time_weight_sync_s"):
             assert key in row, key
         assert row["logprob_diff_mean"] < 1e-3
+        assert row["temperature"] == pytest.approx({1: 1.0, 2: 0.8}[row["step"]])
         # Each step's rollouts come from the previous step's weights.
         assert row["rollout_weight_version"] == row["weight_version"] - 1
     assert (tmp_path / "run" / "reward.png").stat().st_size > 0
@@ -103,3 +106,19 @@ def _check_final_checkpoint(final_dir, ray_cluster):
         ray_cluster.get(engine.shutdown.remote())
         ray_cluster.kill(engine)
     assert (got - expected).abs().max().item() < 1e-3
+
+
+def test_bfloat16_trains_over_float32_master_weights_and_reports_the_gap(tiny_policy, ray_cluster, tmp_path):
+    """The engines and the trainer's forward compute in bfloat16 (each with its own kernels): the
+    engine-trainer gap is bfloat16 rounding, reported as it is for float32."""
+    config = load_config(None, [
+        f"model.path={tiny_policy}", "model.dtype=bfloat16", "steps=2", "data.prompts_per_step=4", "rollout.n_samples=4",
+        "data.eval_size=4", "trainer.micro_batch_size=4", "reward.budget_penalty=-1.0",
+    ])
+    summary = Controller(config, tmp_path / "run").run(str(tiny_policy))
+    assert summary.weight_version == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    gaps = [row["logprob_diff_mean"] for row in rows]
+    assert all(row["grad_norm"] > 0 for row in rows) and all(0 < gap < 0.1 for gap in gaps), rows
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"

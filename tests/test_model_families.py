@@ -234,8 +234,11 @@ def _run_loop(model_dir: Path, run_dir: Path, family: str, overrides: list[str])
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("layout", [DP2, TP2], ids=["dp2", "tp2"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+# Each family in the layout that the sharded-step test above does not run it in: between the two
+# tests every family trains both data- and tensor-parallel.
+@pytest.mark.parametrize(
+    ("family", "layout"), [("qwen2.5", TP2), ("llama3.2", DP2), ("qwen3", DP2)], ids=["qwen2.5-tp2", "llama3.2-dp2", "qwen3-dp2"]
+)
 def test_loop_engines_and_trainer_agree(family_dirs, ray_cluster, tmp_path, family, layout):
     model_dir = family_dirs(family)
     checks, rows, trainer_logprobs = _run_loop(model_dir, tmp_path / "run", family, layout.overrides)
@@ -251,18 +254,3 @@ def test_loop_engines_and_trainer_agree(family_dirs, ray_cluster, tmp_path, fami
     with torch.no_grad():
         saved = token_logprobs(final(ids).logits, ids, 1.0)[0]
     torch.testing.assert_close(saved, torch.tensor(trainer_logprobs), rtol=0, atol=1e-4)
-
-
-@pytest.mark.integration
-def test_loop_in_bfloat16_trains_and_reports_the_engine_trainer_gap(family_dirs, ray_cluster, tmp_path):
-    """Half the batch of the float32 runs: on a CPU without bfloat16 instructions, bfloat16 matrix
-    products with the vocabulary as inner dimension (the head's backward) are slow."""
-    model_dir = family_dirs("qwen2.5")
-    overrides = [*DP2.overrides, "model.dtype=bfloat16", "data.prompts_per_step=2"]
-    checks, rows, _ = _run_loop(model_dir, tmp_path / "run", "qwen2.5", overrides)
-    gaps = [row["logprob_diff_mean"] for row in rows[1:]]
-    print(f"bfloat16 engine-trainer gap: logprob_diff_mean per step {gaps}, largest on the probe {[gap for *_, gap in checks]}")
-    assert any(row["grad_norm"] > 0 for row in rows[1:]), rows
-    # Both sides compute in bfloat16, in different kernels: a gap of bfloat16 rounding, far below
-    # the spread of logprobs over a 152k vocabulary.
-    assert all(0 < gap < 0.1 for gap in gaps), gaps

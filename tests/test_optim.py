@@ -21,3 +21,17 @@ def test_muon_matches_torch_muon(shape):
         for optimizer in optimizers:
             optimizer.step()
         assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("optimizer, muon_params", [("muon", 2), ("adamw", 0)])
+def test_the_optimizer_split_puts_hidden_matrices_on_muon_unless_adamw_is_chosen(optimizer, muon_params):
+    from torch import nn
+
+    from rl.config import TrainerConfig
+    from rl.trainer.optim import MuonWithAdamW
+
+    model = nn.ModuleDict({"embed_tokens": nn.Embedding(8, 4), "up": nn.Linear(4, 4), "down": nn.Linear(4, 4)})
+    split = MuonWithAdamW(model, TrainerConfig(optimizer=optimizer))
+    on_muon = sum(len(g["params"]) for o in split.optimizers if isinstance(o, Muon) for g in o.param_groups)
+    assert on_muon == muon_params
+    assert sum(len(g["params"]) for o in split.optimizers for g in o.param_groups) == 5

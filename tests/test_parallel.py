@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from rl.cluster.trainer_group import merge_rank_metrics
 from rl.config import TrainerConfig
 from rl.trainer.optim import MuonWithAdamW
-from rl.trainer.parallel import check_layout
+from rl.trainer.parallel import check_layout, data_parallel_strategy
 from rl.trainer.worker import TrainerWorker
 
 # Below most heads' largest logit in the tiny policy: the step also exercises QK-Clip
@@ -28,11 +28,12 @@ def _config(data_parallel_size: int, tensor_parallel_size: int) -> TrainerConfig
     )
 
 
-def _train_one_step(rank: int, world_size: int, port: int, policy: Path, data_parallel_size: int, out: Path) -> None:
+def _train_one_step(rank: int, world_size: int, port: int, policy: Path, data_parallel_size: int, out: Path,
+                    strategy: str = "fsdp") -> None:
     """One optimizer step on this rank's data-parallel shard of the batch; saves full weights, gradients, metrics."""
     tensor_parallel_size = world_size // data_parallel_size
     config = _config(data_parallel_size, tensor_parallel_size)
-    worker = start_worker(rank, world_size, port, str(policy), config)
+    worker = start_worker(rank, world_size, port, str(policy), config, strategy=strategy)
     try:
         batch = samples(8, worker.model.config.vocab_size)
         shard = len(batch) // data_parallel_size
@@ -55,11 +56,14 @@ def _unsharded_update(policy: Path, state: dict[str, torch.Tensor]) -> dict[str,
     return {name: param.detach() for name, param in model.named_parameters()}
 
 
-@pytest.mark.parametrize("data_parallel_size", [1, 2], ids=["tp2", "dp2"])
-def test_sharded_step_equals_the_unsharded_step(tiny_policy, tmp_path, data_parallel_size):
+@pytest.mark.parametrize(
+    ("data_parallel_size", "strategy"), [(1, "fsdp"), (2, "fsdp"), (2, "replicate")], ids=["tp2", "dp2", "dp2-replicate"]
+)
+def test_sharded_step_equals_the_unsharded_step(tiny_policy, tmp_path, data_parallel_size, strategy):
+    """FSDP2, the replicated strategy and tensor parallelism all take the unsharded step."""
     (tmp_path / "sharded").mkdir()
     (tmp_path / "whole").mkdir()
-    run_two_ranks(_train_one_step, tiny_policy, data_parallel_size, tmp_path / "sharded")
+    run_two_ranks(_train_one_step, tiny_policy, data_parallel_size, tmp_path / "sharded", strategy)
     _train_one_step(0, 1, free_port(), tiny_policy, 1, tmp_path / "whole")
     ranks = [torch.load(tmp_path / "sharded" / f"rank{rank}.pt") for rank in range(2)]
     whole = torch.load(tmp_path / "whole" / "rank0.pt")
@@ -102,6 +106,15 @@ def test_layout_must_match_the_ranks(tiny_policy):
     with pytest.raises(ValueError, match=message):
         TrainerWorker(0, 1, str(tiny_policy), "float32", config, seed=0)
     assert not dist.is_initialized()
+
+
+def test_the_data_parallel_strategy_follows_the_memory():
+    gib = 2**30
+    assert data_parallel_strategy("auto", parameters=1_000_000, device_bytes=8 * gib) == "replicate"
+    assert data_parallel_strategy("auto", parameters=1_000_000_000, device_bytes=40 * gib) == "fsdp"
+    assert data_parallel_strategy("fsdp", parameters=1_000, device_bytes=8 * gib) == "fsdp"
+    with pytest.raises(ValueError, match=r"trainer\.data_parallel_strategy=replicate: .* need 14\.9 GiB on every rank, more than a rank's 8\.0 GiB"):
+        data_parallel_strategy("replicate", parameters=1_000_000_000, device_bytes=8 * gib)
 
 
 def test_tensor_parallel_size_must_divide_the_model(tiny_policy):

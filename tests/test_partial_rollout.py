@@ -3,8 +3,9 @@ the next step from where they stopped, each trained on exactly once, also across
 
 import pytest
 
+from conftest import TINY_WORKERS
+
 from rewards import RewardScorer
-from rl.cluster.workers import Workers
 from rl.config import load_config
 from rl.records import EpisodeStatus, Task
 from rollout.manager import RolloutManager
@@ -20,16 +21,14 @@ def _task(i: int) -> Task:
                 "arithmetic", "math", {"answer": str(2 * i + 1)})
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_policy, ray_cluster):
+@pytest.fixture
+def setup(tiny_policy, tiny_workers):
     config = load_config(None, [
-        f"model.path={tiny_policy}", "trainer.data_parallel_size=1", "rollout.n_samples=4",
+        f"model.path={tiny_policy}", *TINY_WORKERS, "rollout.n_samples=4",
         f"rollout.partial.max_tokens_per_step={BUDGET}", "rollout.partial.max_staleness=8",
     ])
-    workers = Workers.start(config, str(tiny_policy))
-    workers.weight_sync.push(0)
-    yield config, workers, Renderer.from_pretrained(str(tiny_policy))
-    workers.shutdown()
+    tiny_workers.weight_sync.push(0)
+    return config, tiny_workers, Renderer.from_pretrained(str(tiny_policy))
 
 
 def test_paused_episodes_resume_and_every_episode_trains_once(setup):

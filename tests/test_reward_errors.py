@@ -3,20 +3,18 @@ masked out of the loss and left out of its group's baseline, and past reward.max
 all responses the run stops with one clear line."""
 
 import json
-import os
-import subprocess
-import sys
 from itertools import count
 from pathlib import Path
 
 import pytest
 
+from conftest import TINY_WORKERS
+
 from rewards import register
 from rl.config import load_config
-from rl.loop import Controller, training_samples
+from rl.loop import Controller, RewardErrorLimit
 from rl.records import EpisodeStatus, RewardResult, Task, Trajectory
 
-FIXTURES = Path(__file__).parent / "fixtures" / "entry_point_dist"
 _calls = count()
 
 
@@ -40,22 +38,21 @@ def _trajectory(group: str, score: float, failed: bool = False) -> Trajectory:
                       status=EpisodeStatus.COMPLETED, reward=reward)
 
 
-def test_a_failed_reward_is_masked_out_and_left_out_of_the_baseline():
+def test_a_failed_reward_is_masked_out_and_left_out_of_the_baseline(tmp_path):
     batch = [_trajectory("a", 1.0), _trajectory("a", 0.0), _trajectory("a", 0.0, failed=True), _trajectory("b", 1.0)]
-    samples = training_samples(batch)
+    samples = Controller(load_config(None, ["data.eval_size=1"]), tmp_path).training_samples(batch, length_rewards={})
     assert [s.advantage for s in samples] == [0.5, -0.5, 0.0, 0.0]
     assert samples[2].loss_mask == [0, 0] and samples[0].loss_mask == [1, 1]
 
 
 @pytest.mark.integration
-def test_a_rare_reward_error_is_counted_and_the_run_goes_on(tiny_policy, ray_cluster, tmp_path):
+def test_a_rare_reward_error_is_counted_and_the_run_goes_on(tiny_policy, tiny_workers, tmp_path):
     tasks = _tasks(tmp_path / "tasks.jsonl", "raises-on-the-third-call")
     config = load_config(None, [
-        f"model.path={tiny_policy}", f"data.train_path={tasks}", f"data.eval_path={tasks}", "steps=2",
-        "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=2", "data.eval_every=10",
-        "trainer.micro_batch_size=4", "checkpoint.every=0",
+        f"model.path={tiny_policy}", *TINY_WORKERS, f"data.train_path={tasks}", f"data.eval_path={tasks}", "steps=2",
+        "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=2", "data.eval_every=10", "checkpoint.every=0",
     ])
-    summary = Controller(config, tmp_path / "run").run(str(tiny_policy))
+    summary = Controller(config, tmp_path / "run").run(str(tiny_policy), workers=tiny_workers)
     assert summary.weight_version == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     errors = [row["reward_error_frac"] for row in rows[1:]]
@@ -64,18 +61,21 @@ def test_a_rare_reward_error_is_counted_and_the_run_goes_on(tiny_policy, ray_clu
     assert "reward 'raises-on-the-third-call' raised" in log and "RuntimeError: the third call fails" in log
 
 
+@register("always-raises")
+def always_raises(task: Task, response: str) -> RewardResult:
+    raise ValueError("this reward is broken")
+
+
 @pytest.mark.integration
-def test_a_reward_that_always_raises_stops_the_run_with_one_line(tiny_policy, tmp_path):
-    tasks = _tasks(tmp_path / "tasks.jsonl", "fixture-always-raises")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", f"model.path={tiny_policy}", f"data.train_path={tasks}",
-         f"data.eval_path={tasks}", "steps=3", "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=2",
-         "trainer.micro_batch_size=4", f"--run-dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    errors = [line for line in result.stderr.splitlines() if line.startswith("k2rl: error:")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(errors) == 1 and "rewards raised on 16 of 16 responses" in errors[0], result.stderr[-3000:]
-    assert "reward.max_error_frac=0.05" in errors[0] and "train.log" in errors[0]
+def test_a_reward_that_always_raises_stops_the_run_with_one_line(tiny_policy, tiny_workers, tmp_path):
+    tasks = _tasks(tmp_path / "tasks.jsonl", "always-raises")
+    config = load_config(None, [
+        f"model.path={tiny_policy}", *TINY_WORKERS, f"data.train_path={tasks}", f"data.eval_path={tasks}", "steps=3",
+        "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=2",
+    ])
+    with pytest.raises(RewardErrorLimit) as stopped:
+        Controller(config, tmp_path / "run").run(str(tiny_policy), workers=tiny_workers)
+    message = str(stopped.value)
+    assert "\n" not in message and "rewards raised on 16 of 16 responses" in message, message
+    assert "reward.max_error_frac=0.05" in message and "train.log" in message
     assert "ValueError: this reward is broken" in (tmp_path / "run" / "train.log").read_text()

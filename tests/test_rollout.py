@@ -8,8 +8,9 @@ import pytest
 import ray
 import torch
 
+from conftest import TINY_WORKERS
+
 from rewards import RewardScorer
-from rl.cluster.workers import Workers
 from rl.config import load_config
 from rl.records import EpisodeStatus, Task
 from rollout.engine import EngineSpec, RolloutEngine
@@ -21,16 +22,11 @@ pytestmark = pytest.mark.integration
 GAME = Task("game", (), "game", reward="", env="guess-number", env_kwargs={"max_value": 1000})
 
 
-@pytest.fixture(scope="module")
-def workers(tiny_policy, ray_cluster):
-    config = load_config(None, [
-        f"model.path={tiny_policy}", "trainer.data_parallel_size=1", "rollout.max_turns=4",
-        "rollout.token_budgets.game=120", "rollout.max_model_len=256",
-    ])
-    started = Workers.start(config, str(tiny_policy))
-    started.weight_sync.push(0)
-    yield config, started
-    started.shutdown()
+@pytest.fixture
+def workers(tiny_policy, tiny_workers):
+    config = load_config(None, [f"model.path={tiny_policy}", *TINY_WORKERS, "rollout.max_turns=4", "rollout.token_budgets.game=120"])
+    tiny_workers.weight_sync.push(0)
+    return config, tiny_workers
 
 
 def _manager(config, workers, tiny_policy) -> RolloutManager:
@@ -42,7 +38,7 @@ def test_a_multi_turn_episode_is_exactly_what_the_engine_and_the_environment_wro
     renderer = Renderer.from_pretrained(str(tiny_policy))
     manager = _manager(config, started, tiny_policy)
     try:
-        trajectories = manager.collect([GAME] * 8, step=1).trajectories
+        trajectories = manager.collect([GAME] * 8, step=1, temperature=1.0, policy_version=0).trajectories
     finally:
         manager.close()
     # The engine scores a sequence with room for one more token: one shorter than max_model_len.
@@ -90,7 +86,7 @@ def test_an_engine_killed_mid_rollout_loses_no_episode(workers, tiny_policy):
     killer = threading.Thread(target=kill_soon)
     killer.start()
     try:
-        rollout = manager.collect([GAME] * 16, step=2)
+        rollout = manager.collect([GAME] * 16, step=2, temperature=1.0, policy_version=0)
     finally:
         killer.join()
         manager.close()

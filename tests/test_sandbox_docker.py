@@ -480,8 +480,11 @@ def _containers(client, pool_id: str) -> list:
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_containers_die_with_their_owner(docker_client, how):
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # The owner starts with SIGINT's default action, as from a shell: earlier tests of the session
+    # (Ray, vLLM) may leave this process ignoring SIGINT, which a child would inherit.
     owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER_SCRIPT, IMAGE], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+        [sys.executable, "-c", _OWNER_SCRIPT, IMAGE], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         pool_id = owner.stdout.readline().strip()

@@ -61,7 +61,7 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
             ray_cluster.kill(workers.engines.engines[1])
             rollout = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
             try:
-                out = rollout.collect([_task(i) for i in range(6)], step=99)
+                out = rollout.collect([_task(i) for i in range(6)], step=99, temperature=1.0, policy_version=workers.weight_sync.version)
             finally:
                 rollout.close()
             restarts.append(list(workers.engines.restarts))
@@ -85,7 +85,7 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
             rollout = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
             try:
                 with pytest.raises(EngineStartError, match="rollout engine 0 died and rollout.max_engine_restarts=1"):
-                    rollout.collect([_task(1), _task(2)], step=100)
+                    rollout.collect([_task(1), _task(2)], step=100, temperature=1.0, policy_version=workers.weight_sync.version)
             finally:
                 rollout.close()
 

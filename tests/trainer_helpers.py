@@ -31,10 +31,11 @@ def samples(count: int, vocab: int, advantages: list[float] = ADVANTAGES) -> lis
     return out
 
 
-def start_worker(rank: int, world_size: int, port: int, policy, config: TrainerConfig, dtype: str = "float32") -> TrainerWorker:
+def start_worker(rank: int, world_size: int, port: int, policy, config: TrainerConfig, dtype: str = "float32",
+                 strategy: str = "fsdp") -> TrainerWorker:
     """A trainer rank in this process, in a process group on loopback."""
     worker = TrainerWorker(rank, world_size, str(policy), dtype, config, seed=0)
-    worker.join("127.0.0.1", port, "lo")
+    worker.join("127.0.0.1", port, "lo", strategy)
     return worker
 
 

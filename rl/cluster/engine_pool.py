@@ -47,19 +47,23 @@ class EnginePool:
         self.restarts = [0] * config.rollout.num_engines
         # Set by the run's wiring: brings a restarted engine to the current weights.
         self.load_weights: Callable[[int], None] = lambda index: None
+        # The engines start in the background; `wait_ready` waits for them.
         self.engines = [self._start(index) for index in range(config.rollout.num_engines)]
-        try:
-            for index, engine in enumerate(self.engines):
-                self._wait_ready(index, engine, "failed to start")
-        except BaseException:
-            self.shutdown()
-            raise
         self._load = [0] * len(self.engines)
         # Generation runs on this loop only, so that the pool's futures and locks always belong to it.
         self.loop = asyncio.new_event_loop()
         self._queued: dict[int, list[tuple[GenerationRequest, asyncio.Future]]] = {}
         self._streams: set[asyncio.Task] = set()
         self._revive_locks: dict[int, asyncio.Lock] = {}
+
+    def wait_ready(self) -> None:
+        """Wait until every engine has started; one that cannot ends the run, naming it and the cause."""
+        try:
+            for index, engine in enumerate(self.engines):
+                self._wait_ready(index, engine, "failed to start")
+        except BaseException:
+            self.shutdown()
+            raise
 
     def __len__(self) -> int:
         return len(self.engines)

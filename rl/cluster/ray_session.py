@@ -6,6 +6,8 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -38,6 +40,8 @@ def connect(address: str | None = None, verbose: bool = False) -> str:
         )
         return "started a local Ray cluster"
     _check_reachable(address)
+    if ray.is_initialized():
+        raise ConfigError(f"cannot join the Ray cluster at {address}: this process is already connected to a Ray cluster")
     try:
         ray.init(address=address, runtime_env=_RUNTIME_ENV, **quiet, **_attach_to(address))
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -46,11 +50,27 @@ def connect(address: str | None = None, verbose: bool = False) -> str:
     return f"joined the Ray cluster at {address} ({len(nodes)} nodes)"
 
 
+@contextmanager
+def ray_session(address: str | None = None, verbose: bool = False) -> Iterator[str]:
+    """Ray for one command (`connect`), shut down when it ends; yields connect's line. Without an
+    address, a Ray that this process had already initialised (a program or test that drives k2rl
+    in-process) is used as it is and left running."""
+    if ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        yield "using the Ray cluster this process is connected to"
+        return
+    line = connect(address, verbose)
+    try:
+        yield line
+    finally:
+        ray.shutdown()
+
+
 def error_summary(error: BaseException) -> str:
-    """The last line of a Ray error's text: the exception itself, without the remote traceback."""
+    """The last line of a Ray error's text: the exception itself, without the remote traceback
+    (nor the link to a validation library's documentation that some errors end with)."""
     cause = getattr(error, "cause", None) or error
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(cause).__name__
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip() and "For further information visit" not in line]
+    return lines[-1] if lines else type(cause).__name__
 
 
 def _attach_to(address: str) -> dict:

@@ -9,6 +9,7 @@ import ray
 from rl.cluster.placement import Placement
 from rl.config import RunConfig
 from rl.records import TrainSample
+from rl.trainer.parallel import data_parallel_strategy
 from rl.trainer.worker import TrainerWorker
 
 
@@ -53,8 +54,11 @@ class TrainerGroup:
             for rank in range(self.world)
         ]
         try:
+            parameters = ray.get(self.ranks[0].parameter_count.remote())
+            device_bytes = min(ray.get([rank.device_memory_bytes.remote() for rank in self.ranks]))
+            self.strategy = data_parallel_strategy(config.trainer.data_parallel_strategy, parameters, device_bytes)
             address, port = ray.get(self.ranks[0].rendezvous_address.remote())
-            ray.get([rank.join.remote(address, port, config.cluster.network_interface) for rank in self.ranks])
+            ray.get([rank.join.remote(address, port, config.cluster.network_interface, self.strategy) for rank in self.ranks])
         except BaseException:
             self.shutdown()
             raise
@@ -65,19 +69,29 @@ class TrainerGroup:
     def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return ray.get(self.ranks[0].weight_layout.remote())
 
-    def train(self, samples: list[TrainSample], policy_version: int) -> dict[str, float]:
-        """Each data-parallel group gets an equal shard (the ranks of one tensor-parallel group share
-        it); the batch is padded with masked-out copies to split evenly. `policy_version` is the
-        version the engines sampled with."""
+    def train(self, samples: list[TrainSample], policy_version: int, ptx: list[TrainSample] = (),
+              ptx_coef: float = 0.0) -> dict[str, float]:
+        """Each data-parallel group gets an equal shard of the batch and of the PTX samples (the ranks
+        of one tensor-parallel group share it); both are padded with masked-out copies to split
+        evenly. `policy_version` is the version the engines sampled with."""
+        shards, ptx_shards = self._shards(samples), self._shards(list(ptx))
+        results = ray.get([rank.train.remote(shards[index // self.tp], policy_version, ptx_shards[index // self.tp], ptx_coef)
+                           for index, rank in enumerate(self.ranks)])
+        return merge_rank_metrics(results, self.tp)
+
+    def _shards(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
         dp = self.world // self.tp
+        if not samples:
+            return [[] for _ in range(dp)]
         parts = dp * self.config.trainer.optimizer_steps_per_batch
         samples = samples + [_masked(samples[0])] * (-len(samples) % parts)
         shard = len(samples) // dp
-        results = ray.get(
-            [rank.train.remote(samples[(index // self.tp) * shard : (index // self.tp + 1) * shard], policy_version)
-             for index, rank in enumerate(self.ranks)]
-        )
-        return merge_rank_metrics(results, self.tp)
+        return [samples[group * shard : (group + 1) * shard] for group in range(dp)]
+
+    def ptx_eval(self, samples: list[TrainSample]) -> float:
+        """The mean next-token loss over the masked tokens of `samples`."""
+        nll, tokens = ray.get([rank.ptx_eval.remote(samples) for rank in self.ranks])[0]
+        return nll / max(tokens, 1.0)
 
     def logprobs(self, token_ids: list[int]) -> list[float]:
         """The trainer's logprobs of a fixed sequence (a collective: every rank takes part)."""

@@ -22,6 +22,7 @@ class Workers:
     engines: EnginePool
     trainers: TrainerGroup
     weight_sync: WeightSync
+    config: RunConfig
 
     @classmethod
     def start(cls, config: RunConfig, model_path: str) -> Workers:
@@ -36,29 +37,51 @@ class Workers:
         try:
             placement = Placement(config)
             started.append(placement)
+            # The engines start while the trainer ranks read the model and form their group.
             engines = EnginePool(config, model_path, placement)
             started.append(engines)
             trainers = TrainerGroup(config, model_path, placement)
             started.append(trainers)
+            engines.wait_ready()
             weight_sync = WeightSync(config.weight_sync, trainers, engines, placement.engines_sleep)
         except BaseException:
             for piece in reversed(started):
                 _stop(piece)
             raise
-        workers = cls(placement, engines, trainers, weight_sync)
+        workers = cls(placement, engines, trainers, weight_sync, config)
         log.info("placement: %s", workers.describe())
         return workers
+
+    def serve(self, config: RunConfig) -> None:
+        """Check that these workers can run `config` (a run given workers that another started): the
+        same trainer mesh, engines and weight sync; the rest of a config is the loop's own."""
+        for section, keys in _WORKER_KEYS.items():
+            for key in keys:
+                mine, theirs = getattr(getattr(self.config, section), key), getattr(getattr(config, section), key)
+                if mine != theirs:
+                    raise ValueError(f"these workers were started with {section}.{key}={mine!r}, the run asks for {theirs!r}")
 
     def describe(self) -> str:
         """Which node each trainer rank and engine runs on, by node address."""
         addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         ranks = ", ".join(addresses.get(node, node[:8]) for node in self.trainers.node_ids())
         engines = ", ".join(addresses.get(node, node[:8]) for node in self.engines.node_ids())
-        return f"trainer ranks on [{ranks}], engines on [{engines}]"
+        return f"trainer ranks on [{ranks}] ({self.trainers.strategy}), engines on [{engines}]"
 
     def shutdown(self) -> None:
         for piece in (self.trainers, self.engines, self.placement):
             _stop(piece)
+
+
+# What the actors themselves are made of: a run may use workers started for another config only
+# when these agree.
+_WORKER_KEYS = {
+    "model": ("path", "dtype"),
+    "trainer": ("data_parallel_size", "tensor_parallel_size", "data_parallel_strategy", "loss", "tau", "clip_low",
+                "clip_high", "kl_coef", "tis_cap", "optimizer", "lr", "weight_decay", "micro_batch_size", "optimizer_steps_per_batch",
+                "reset_optimizer_each_step", "max_grad_norm", "logprob_chunk_size", "qk_clip_threshold"),
+    "rollout": ("num_engines", "tensor_parallel_size", "kv_cache_gib", "max_model_len", "enforce_eager", "placement"),
+}
 
 
 def _stop(piece) -> None:

@@ -1,7 +1,7 @@
 """Where tasks come from: task files (rl/data/sources.py), the built-in arithmetic generator
 (rl/data/arithmetic.py), and the prompt sampler (rl/data/sampler.py)."""
 
-from rl.data.arithmetic import arithmetic_eval_tasks
+from rl.data.arithmetic import DEFAULT_KINDS, arithmetic_eval_tasks
 from rl.data.sampler import PromptSampler
 from rl.data.sources import load_tasks
 
@@ -13,5 +13,5 @@ def load_train_pool(path: str, columns: dict[str, str]):
     return load_tasks(path, columns) if path else None
 
 
-def load_eval_tasks(path: str, columns: dict[str, str], size: int):
-    return load_tasks(path, columns)[:size] if path else arithmetic_eval_tasks(size)
+def load_eval_tasks(path: str, columns: dict[str, str], size: int, kinds: tuple[str, ...] = DEFAULT_KINDS):
+    return load_tasks(path, columns)[:size] if path else arithmetic_eval_tasks(size, kinds)

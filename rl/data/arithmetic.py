@@ -9,10 +9,12 @@ prioritised sampling measures what is actually hard for the policy:
     sub      a - b,   a in 10..99, b in 1..a              difficulty 2
     mul      a * b,   a in 2..12, b in 2..9               difficulty 3
     mul-2x2  a * b,   a, b in 10..99                      difficulty 4 (only with a hard fraction)
+    mul-3x3  a * b,   a, b in 100..999                    difficulty 5 (only when chosen: a tool's job)
 
-By default the first three are equally likely. With `hard_fraction` > 0 that share of the
-problems are 2-digit x 2-digit multiplications, an easy-and-hard mix; at 0 the generator draws
-exactly the problems it always has, so the default run is unchanged.
+By default the first three are equally likely (`kinds` picks others, equally likely). With
+`hard_fraction` > 0 that share of the problems are 2-digit x 2-digit multiplications, an
+easy-and-hard mix; at 0 the generator draws exactly the problems it always has, so the default
+run is unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ ARITHMETIC_TASK_TYPE = "arithmetic"
 
 DEFAULT_KINDS = ("add", "sub", "mul")
 HARD_KIND = "mul-2x2"
-ARITHMETIC_DIFFICULTY = {"add": 1.0, "sub": 2.0, "mul": 3.0, HARD_KIND: 4.0}
+TOOL_KIND = "mul-3x3"
+ARITHMETIC_DIFFICULTY = {"add": 1.0, "sub": 2.0, "mul": 3.0, HARD_KIND: 4.0, TOOL_KIND: 5.0}
 
 _NAMES = ("Tom", "Ana", "Li", "Sam", "Mia", "Raj", "Eva", "Ben", "Zoe", "Omar")
 _ITEMS = ("apples", "coins", "books", "pens", "cards", "stones", "shells", "stamps")
@@ -44,7 +47,7 @@ class ArithmeticProblem:
     @property
     def kind(self) -> str:
         if self.op == "*":
-            return HARD_KIND if self.b >= 10 else "mul"
+            return TOOL_KIND if self.b >= 100 else HARD_KIND if self.b >= 10 else "mul"
         return "add" if self.op == "+" else "sub"
 
     def direct_solution(self) -> str:
@@ -70,14 +73,14 @@ class ArithmeticProblem:
         return f"{steps}. The answer is \\boxed{{{self.answer}}}."
 
 
-def arithmetic_problem(rng: random.Random, hard_fraction: float = 0.0) -> ArithmeticProblem:
+def arithmetic_problem(rng: random.Random, hard_fraction: float = 0.0, kinds: tuple[str, ...] = DEFAULT_KINDS) -> ArithmeticProblem:
     """One integer word problem of a kind drawn from the mix (see the module docstring)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     # No draw for the hard share when it is off: the default stream of problems stays as it was.
     if hard_fraction > 0 and rng.random() < hard_fraction:
         kind = HARD_KIND
     else:
-        kind = rng.choice(DEFAULT_KINDS)
+        kind = rng.choice(kinds)
     return _problem(rng, kind, name, item)
 
 
@@ -89,11 +92,14 @@ def arithmetic_problem_of_kind(rng: random.Random, kind: str) -> ArithmeticProbl
     return _problem(rng, kind, name, item)
 
 
-def arithmetic_mix(hard_fraction: float) -> dict[str, float]:
+def arithmetic_mix(hard_fraction: float, kinds: tuple[str, ...] = DEFAULT_KINDS) -> dict[str, float]:
     """Each kind's share of the generated problems."""
     if not 0 <= hard_fraction <= 1:
         raise ValueError(f"data.arithmetic_hard_fraction must be in [0, 1], got {hard_fraction}")
-    mix = {kind: (1 - hard_fraction) / len(DEFAULT_KINDS) for kind in DEFAULT_KINDS}
+    unknown = [kind for kind in kinds if kind not in ARITHMETIC_DIFFICULTY]
+    if unknown or not kinds:
+        raise ValueError(f"data.arithmetic_kinds must name kinds of {', '.join(ARITHMETIC_DIFFICULTY)}; got {list(kinds)}")
+    mix = {kind: (1 - hard_fraction) / len(kinds) for kind in kinds}
     if hard_fraction > 0:
         mix[HARD_KIND] = hard_fraction
     return {kind: share for kind, share in mix.items() if share > 0}
@@ -119,8 +125,10 @@ def _problem(rng: random.Random, kind: str, name: str, item: str) -> ArithmeticP
         return ArithmeticProblem(question, a, "-", b, a - b)
     if kind == "mul":
         a, b = rng.randint(2, 12), rng.randint(2, 9)
-    else:
+    elif kind == HARD_KIND:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
+    else:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
     question = f"{name} has {a} bags with {b} {item} in each. How many {item} are there in total?"
     return ArithmeticProblem(question, a, "*", b, a * b)
 
@@ -142,14 +150,14 @@ def arithmetic_task(problem: ArithmeticProblem, task_id: str) -> Task:
 _EVAL_STREAM = 1_000_003
 
 
-def arithmetic_eval_tasks(size: int) -> list[Task]:
+def arithmetic_eval_tasks(size: int, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Task]:
     rng = random.Random(_EVAL_STREAM)
-    return [arithmetic_task(arithmetic_problem(rng), f"eval-{i}") for i in range(size)]
+    return [arithmetic_task(arithmetic_problem(rng, kinds=kinds), f"eval-{i}") for i in range(size)]
 
 
-def arithmetic_train_problems(seed: int, exclude: set[str]) -> Iterator[ArithmeticProblem]:
+def arithmetic_train_problems(seed: int, exclude: set[str], kinds: tuple[str, ...] = DEFAULT_KINDS) -> Iterator[ArithmeticProblem]:
     rng = random.Random(seed)
     while True:
-        problem = arithmetic_problem(rng)
+        problem = arithmetic_problem(rng, kinds=kinds)
         if problem.question not in exclude:
             yield problem

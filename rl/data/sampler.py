@@ -8,6 +8,7 @@ from typing import Any
 
 from rl.data.arithmetic import (
     ARITHMETIC_DIFFICULTY,
+    DEFAULT_KINDS,
     arithmetic_kind,
     arithmetic_mix,
     arithmetic_problem,
@@ -23,7 +24,7 @@ class PromptSampler:
     generator (fresh problems forever, never one of the held-out questions).
 
     Plain sampling goes through the pool in shuffled passes (a fresh shuffle each pass), or takes
-    the generator's mix (`hard_fraction`: see rl/data/arithmetic.py). With a `curriculum` or
+    the generator's mix (`hard_fraction`, `kinds`: see rl/data/arithmetic.py). With a `curriculum` or
     `success_rates` (prioritised sampling, see rl/data/curriculum.py), each task is drawn
     independently instead: from the eligible easiest part of the pool, weighted by priority. The
     generator's tasks are then tracked and ordered by kind (operation and operand size): a kind
@@ -38,7 +39,7 @@ class PromptSampler:
 
     def __init__(self, pool: list[Task] | None, seed: int, eval_tasks: list[Task], *,
                  curriculum: Curriculum | None = None, success_rates: SuccessRates | None = None,
-                 hard_fraction: float = 0.0):
+                 hard_fraction: float = 0.0, kinds: tuple[str, ...] = DEFAULT_KINDS):
         self._pool = pool
         self._rng = random.Random(seed)
         self._order: list[int] = []  # pool indices still to hand out in this pass
@@ -48,7 +49,8 @@ class PromptSampler:
         self._curriculum = curriculum
         self._success_rates = success_rates
         self._hard_fraction = hard_fraction
-        self._mix = arithmetic_mix(hard_fraction)
+        self._kinds = tuple(kinds)
+        self._mix = arithmetic_mix(hard_fraction, self._kinds)
         # What weighted draws pick from: generator kinds, or pool indices; easiest first for the curriculum.
         self._ranked: list[str] | list[int]
         if pool is None:
@@ -111,7 +113,7 @@ class PromptSampler:
         self._drawn += 1
         while True:
             if kind is None:
-                problem = arithmetic_problem(self._rng, self._hard_fraction)
+                problem = arithmetic_problem(self._rng, self._hard_fraction, self._kinds)
             else:
                 problem = arithmetic_problem_of_kind(self._rng, kind)
             if problem.question not in self._exclude:

@@ -20,7 +20,7 @@ the number of training tokens.
 Losses
 
     k2        (r - rbar - tau * (sum_t log pi_theta - sum_t log pi_old))^2 per sequence, mean over
-              samples (rl/trainer/loss.py). Stale tokens are left out of both sums: the objective
+              samples (`k2_policy_loss`). Stale tokens are left out of both sums: the objective
               has no per-token weight to correct them with.
     grpo      A_i = (r_i - mean_g r) / (std_g r + eps), std over the group (population), then per token
                   rho_t = exp(log pi_theta - log pi_old)
@@ -56,7 +56,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rl.trainer.loss import group_advantages, k2_policy_loss
+def group_advantages(rewards: list[float], group_ids: list[Hashable]) -> list[float]:
+    """r_i - rbar(x): each reward minus the mean reward of the responses to the same prompt."""
+    totals: dict[Hashable, list[float]] = {}
+    for reward, group in zip(rewards, group_ids):
+        totals.setdefault(group, []).append(reward)
+    means = {group: sum(values) / len(values) for group, values in totals.items()}
+    return [reward - means[group] for reward, group in zip(rewards, group_ids)]
+
+
+def k2_policy_loss(logprob_sums: Tensor, old_logprob_sums: Tensor, advantages: Tensor, tau: float) -> Tensor:
+    """Per-sample squared error of the K1.5/K2 objective (callers average it over the batch):
+
+        (r - rbar - tau * log(pi_theta(y|x) / pi_old(y|x)))^2
+
+    No value network and no frozen reference model: the squared log-ratio term keeps several
+    optimizer steps on one batch close to pi_old.
+    """
+    log_ratio = logprob_sums - old_logprob_sums
+    return (advantages - tau * log_ratio) ** 2
+
 
 # Keeps a group whose rewards are all equal (std 0) at advantage 0 instead of 0/0.
 GROUP_STD_EPS = 1e-6

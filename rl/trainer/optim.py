@@ -83,14 +83,15 @@ def _shard_like(param: Tensor, whole: Tensor) -> Tensor:
 
 
 class MuonWithAdamW:
-    """One optimizer-like object over two optimizers, so the trainer steps one thing."""
+    """One optimizer-like object over two optimizers, so the trainer steps one thing. With
+    `trainer.optimizer: adamw` every parameter goes to AdamW (the baseline of the split)."""
 
     def __init__(self, model: nn.Module, config: TrainerConfig):
         muon_params, adamw_params = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            if param.ndim == 2 and not any(part in name for part in _ADAMW_MATRICES):
+            if config.optimizer == "muon" and param.ndim == 2 and not any(part in name for part in _ADAMW_MATRICES):
                 muon_params.append(param)
             else:
                 adamw_params.append(param)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -77,8 +78,32 @@ def build_mesh(config: TrainerConfig, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, shape, mesh_dim_names=("dp", "tp"))
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32) -> None:
-    """In place: tensor-parallel over mesh["tp"] (when > 1), then FSDP2 over mesh["dp"].
+# A float32 parameter, its gradient, and up to two float32 optimizer moments (AdamW; Muon keeps one).
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def data_parallel_strategy(configured: str, parameters: int, device_bytes: int) -> str:
+    """"fsdp" or "replicate" for `trainer.data_parallel_strategy`: "auto" replicates a model whose
+    training state takes under a quarter of a rank's device memory, where sharding only adds
+    communication; an explicit "replicate" that cannot fit fails here, naming the key."""
+    state = parameters * TRAINING_BYTES_PER_PARAMETER
+    if configured == "auto":
+        return "replicate" if state < device_bytes / 4 else "fsdp"
+    if configured == "replicate" and state > device_bytes:
+        raise ConfigError(
+            f"trainer.data_parallel_strategy=replicate: the model's parameters, gradients and optimizer state "
+            f"need {state / 2**30:.1f} GiB on every rank, more than a rank's {device_bytes / 2**30:.1f} GiB "
+            "(use fsdp, which shards them)"
+        )
+    return configured
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32,
+                strategy: str = "fsdp") -> None:
+    """In place: tensor-parallel over mesh["tp"] (when > 1), then data-parallel over mesh["dp"]:
+    FSDP2 (`strategy` "fsdp": every layer's parameters sharded, gathered for its forward and
+    backward) or replicated ("replicate": every rank holds all parameters, and the gradients are
+    all-reduced once per step).
 
     The parameters stay as they are (float32 master weights); a lower `compute_dtype` is what the
     forward and backward run in, with gradients reduced in float32 (FSDP2 mixed precision).
@@ -94,6 +119,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype =
             model.lm_head.weight = model.model.embed_tokens.weight
         _replicate_remaining_parameters(model, tp_mesh)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if strategy == "replicate":
+        replicate(model, mesh=mesh["dp"], mp_policy=policy)
+        return
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh["dp"], mp_policy=policy)
     # By default the root module keeps its parameters gathered after a forward until the

@@ -24,6 +24,7 @@ host memory while the engines hold the device; each of those collectives takes b
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from collections.abc import Iterator
@@ -58,6 +59,29 @@ class MicroBatch:
     temperatures: torch.Tensor
     versions: torch.Tensor
     advantages: torch.Tensor  # [B]
+
+    @classmethod
+    def of(cls, samples: list[TrainSample], device: torch.device) -> MicroBatch:
+        """Right-padded ids and, over the logprob positions, what the loss needs of each token."""
+        width = max(len(s.token_ids) for s in samples)
+        input_ids = torch.zeros(len(samples), width, dtype=torch.long)
+        attention = torch.zeros(len(samples), width, dtype=torch.long)
+        loss_mask = torch.zeros(len(samples), width - 1)
+        rollout = torch.zeros(len(samples), width - 1)
+        temperatures = torch.ones(len(samples), width - 1)
+        versions = torch.full((len(samples), width - 1), -1, dtype=torch.long)
+        for i, sample in enumerate(samples):
+            length = len(sample.token_ids)
+            input_ids[i, :length] = torch.tensor(sample.token_ids)
+            attention[i, :length] = 1
+            # Position t predicts token t + 1: the response's first token is predicted at prompt_len - 1.
+            span = slice(sample.prompt_len - 1, length - 1)
+            loss_mask[i, span] = torch.tensor(sample.loss_mask, dtype=torch.float)
+            rollout[i, span] = torch.tensor(sample.rollout_logprobs)
+            temperatures[i, span] = torch.tensor(sample.temperatures).where(loss_mask[i, span] > 0, 1.0)
+            versions[i, span] = torch.tensor(sample.versions)
+        advantages = torch.tensor([s.advantage for s in samples])
+        return cls(*(t.to(device) for t in (input_ids, attention, loss_mask, rollout, temperatures, versions, advantages)))
 
 
 class TrainerWorker:
@@ -99,8 +123,20 @@ class TrainerWorker:
             sock.bind((address, 0))
             return address, sock.getsockname()[1]
 
-    def join(self, address: str, port: int, interface: str) -> None:
-        """Form the process group, give every rank rank 0's weights, shard, build the optimizer."""
+    def parameter_count(self) -> int:
+        return sum(param.numel() for param in _unique(list(self.model.parameters())))
+
+    def device_memory_bytes(self) -> int:
+        """The memory this rank may use: its GPU's, or its share of the host's."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        import psutil
+
+        return psutil.virtual_memory().total // self.world_size
+
+    def join(self, address: str, port: int, interface: str, strategy: str = "fsdp") -> None:
+        """Form the process group, give every rank rank 0's weights, shard (data-parallel `strategy`:
+        "fsdp" or "replicate"), build the optimizer."""
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
         interface = interface or _interface_of(ray.util.get_node_ip_address())
         if interface:
@@ -121,7 +157,7 @@ class TrainerWorker:
             for tensor in _unique([*model.parameters(), *model.buffers()]):
                 dist.broadcast(tensor, src=0)
         self.qk_clip = QKClip(self.causal_lm, self.config.qk_clip_threshold, mesh) if self.config.qk_clip_threshold > 0 else None
-        shard_model(model, mesh, self.compute_dtype)
+        shard_model(model, mesh, self.compute_dtype, strategy)
         self.optimizer = MuonWithAdamW(model, self.config)
         # The ranks that train on different data: what a loss's denominator is summed over.
         self.dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
@@ -210,33 +246,17 @@ class TrainerWorker:
             yield name, whole(state[name])
 
     def _micro_batch(self, samples: list[TrainSample]) -> MicroBatch:
-        """Right-padded ids and, over the logprob positions, what the loss needs of each token."""
-        width = max(len(s.token_ids) for s in samples)
-        input_ids = torch.zeros(len(samples), width, dtype=torch.long)
-        attention = torch.zeros(len(samples), width, dtype=torch.long)
-        loss_mask = torch.zeros(len(samples), width - 1)
-        rollout = torch.zeros(len(samples), width - 1)
-        temperatures = torch.ones(len(samples), width - 1)
-        versions = torch.full((len(samples), width - 1), -1, dtype=torch.long)
-        for i, sample in enumerate(samples):
-            length = len(sample.token_ids)
-            input_ids[i, :length] = torch.tensor(sample.token_ids)
-            attention[i, :length] = 1
-            # Position t predicts token t + 1: the response's first token is predicted at prompt_len - 1.
-            span = slice(sample.prompt_len - 1, length - 1)
-            loss_mask[i, span] = torch.tensor(sample.loss_mask, dtype=torch.float)
-            rollout[i, span] = torch.tensor(sample.rollout_logprobs)
-            temperatures[i, span] = torch.tensor(sample.temperatures).where(loss_mask[i, span] > 0, 1.0)
-            versions[i, span] = torch.tensor(sample.versions)
-        advantages = torch.tensor([s.advantage for s in samples])
-        return MicroBatch(*(t.to(self.device) for t in (input_ids, attention, loss_mask, rollout, temperatures, versions, advantages)))
+        return MicroBatch.of(samples, self.device)
 
     def _token_logprobs(self, batch: MicroBatch) -> torch.Tensor:
         return self.model(batch.input_ids, batch.attention, batch.temperatures)
 
-    def train(self, samples: list[TrainSample], policy_version: int) -> dict[str, float | tuple[float, float]]:
+    def train(self, samples: list[TrainSample], policy_version: int, ptx: list[TrainSample] = (),
+              ptx_coef: float = 0.0) -> dict[str, float | tuple[float, float]]:
         """One batch (this data-parallel group's shard, the same size on every rank) in
-        `optimizer_steps_per_batch` mini-batches of micro-batches: `train_step` each.
+        `optimizer_steps_per_batch` mini-batches of micro-batches: `train_step` each. `ptx` (split
+        over the mini-batches the same way) adds K2's PTX loss, `ptx_coef` times the mean next-token
+        loss over its masked tokens.
 
         pi_old is the policy before this batch. With one optimizer step per batch that is the policy
         of the training forward itself, so its logprobs (detached) serve; with several, a first pass
@@ -250,12 +270,8 @@ class TrainerWorker:
         if config.reset_optimizer_each_step:
             self.optimizer = MuonWithAdamW(self.model, config)
         steps = config.optimizer_steps_per_batch
-        per_step = len(samples) // steps
-        mini_batches = [
-            [self._micro_batch(samples[start : min(start + config.micro_batch_size, (step + 1) * per_step)])
-             for start in range(step * per_step, (step + 1) * per_step, config.micro_batch_size)]
-            for step in range(steps)
-        ]
+        mini_batches = self._mini_batches(samples, steps)
+        ptx_batches = self._mini_batches(list(ptx), steps)
         old_logprobs = None
         metrics: list[dict[str, MetricMean | float]] = []
         if steps > 1:
@@ -265,7 +281,8 @@ class TrainerWorker:
                 (_rollout_gap(old, micro, policy_version) for mini, olds in zip(mini_batches, old_logprobs)
                  for micro, old in zip(mini, olds)), MetricMean())})
         for step, mini in enumerate(mini_batches):
-            metrics.append(self.train_step(mini, None if old_logprobs is None else old_logprobs[step], policy_version))
+            old = None if old_logprobs is None else old_logprobs[step]
+            metrics.append(self.train_step(mini, old, policy_version, ptx_batches[step], ptx_coef))
         merged: dict[str, float | tuple[float, float]] = {}
         for step_metrics in metrics:
             for name, mean in step_metrics.items():
@@ -276,9 +293,19 @@ class TrainerWorker:
                     merged[name] = max(merged.get(name, mean), mean) if name == "max_attention_logit" else mean
         return merged
 
+    def _mini_batches(self, samples: list[TrainSample], steps: int) -> list[list[MicroBatch]]:
+        """`steps` equal mini-batches of micro-batches of at most `trainer.micro_batch_size`."""
+        per_step, micro = len(samples) // steps, self.config.micro_batch_size
+        return [
+            [self._micro_batch(samples[start : min(start + micro, (step + 1) * per_step)])
+             for start in range(step * per_step, (step + 1) * per_step, micro)]
+            for step in range(steps)
+        ]
+
     def train_step(self, mini_batch: list[MicroBatch], old_logprobs: list[torch.Tensor] | None,
-                   policy_version: int) -> dict[str, MetricMean | float]:
-        """One optimizer step: gradients accumulated over the micro-batches, clipped, Muon/AdamW, QK-Clip."""
+                   policy_version: int, ptx: list[MicroBatch] = (), ptx_coef: float = 0.0) -> dict[str, MetricMean | float]:
+        """One optimizer step: gradients accumulated over the micro-batches (the policy's, then
+        PTX's), clipped, Muon/AdamW, QK-Clip."""
         self.optimizer.zero_grad()
         if self.qk_clip is not None:
             self.qk_clip.reset()
@@ -286,16 +313,24 @@ class TrainerWorker:
         denominator = loss_denominator(units, self.dp_group)
         metrics: dict[str, MetricMean | float] = {}
         loss = 0.0
+        last = len(mini_batch) + len(ptx) - 1
         for index, micro in enumerate(mini_batch):
             # Gradients stay unreduced, and accumulate, until the last micro-batch.
-            self.model.set_requires_gradient_sync(index == len(mini_batch) - 1)
+            self.model.set_requires_gradient_sync(index == last)
             old = None if old_logprobs is None else old_logprobs[index]
             micro_loss, micro_metrics = self.forward_backward_step(micro, old, denominator, policy_version)
             loss += micro_loss
             for name, mean in micro_metrics.items():
                 metrics[name] = metrics.get(name, MetricMean()) + mean
-        # This rank's share of the mini-batch loss: the ranks' shares add up to the loss.
-        metrics["loss"] = MetricMean(loss, 1.0 / (1 if self.dp_group is None else dist.get_world_size(self.dp_group)))
+        if ptx:
+            ptx_tokens = loss_denominator(sum(micro.loss_mask.sum().item() for micro in ptx), self.dp_group)
+            for index, micro in enumerate(ptx, start=len(mini_batch)):
+                self.model.set_requires_gradient_sync(index == last)
+                nll = -(self._token_logprobs(micro) * micro.loss_mask).sum()
+                (ptx_coef * nll / ptx_tokens).backward()
+                metrics["ptx_loss"] = metrics.get("ptx_loss", MetricMean()) + MetricMean(nll.item(), micro.loss_mask.sum().item())
+        # Each rank's loss is scaled for FSDP2's average over the ranks: their mean is the mini-batch loss.
+        metrics["loss"] = MetricMean(loss, 1.0)
         # The parameters are DTensors, so is the norm: gathering it gives every rank the global value.
         total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         metrics["grad_norm"] = MetricMean(whole(total_norm).item(), 1.0)
@@ -321,6 +356,18 @@ class TrainerWorker:
         return output.loss.item(), metrics
 
     @torch.no_grad()
+    def ptx_eval(self, samples: list[TrainSample]) -> tuple[float, float]:
+        """The summed next-token loss over the masked tokens of `samples`, and their count (a
+        collective: every rank takes the same samples)."""
+        self._on_device(with_optimizer=False)
+        nll, tokens = 0.0, 0.0
+        for start in range(0, len(samples), self.config.micro_batch_size):
+            micro = self._micro_batch(samples[start : start + self.config.micro_batch_size])
+            nll -= (self._token_logprobs(micro) * micro.loss_mask).sum().item()
+            tokens += micro.loss_mask.sum().item()
+        return nll, tokens
+
+    @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """Per-token logprobs of one sequence; a collective: every rank must call it with the same ids."""
         self._on_device(with_optimizer=False)
@@ -336,8 +383,11 @@ class TrainerWorker:
             if self.rank == 0:
                 state[name] = tensor.detach().to(self.compute_dtype).clone()
         if self.rank == 0:
-            self.causal_lm.config.torch_dtype = self.compute_dtype
             self.causal_lm.save_pretrained(out_dir, state_dict=state)
+            # save_pretrained records the dtype of the (float32 master) parameters: the weights are in the engines' dtype.
+            config = copy.deepcopy(self.causal_lm.config)
+            config.dtype = self.compute_dtype
+            config.save_pretrained(out_dir)
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
 
     def save_state(self, directory: str) -> None:
@@ -391,7 +441,9 @@ def _interface_of(address: str) -> str:
     for name, addresses in psutil.net_if_addrs().items():
         for item in addresses:
             if item.family in (socket.AF_INET, socket.AF_INET6) and item.netmask:
-                network = ipaddress.ip_network(f"{item.address.split('%')[0]}/{item.netmask}", strict=False)
+                # psutil gives an IPv6 netmask as an address (ffff:...), which ip_network only takes as a prefix length.
+                prefix = bin(int(ipaddress.ip_address(item.netmask.split('%')[0]))).count("1")
+                network = ipaddress.ip_network(f"{item.address.split('%')[0]}/{prefix}", strict=False)
                 if target in network:
                     return name
     return ""

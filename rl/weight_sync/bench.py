@@ -113,7 +113,7 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
     import ray
 
     from rl.bootstrap import BootstrapSpec, train_tokenizer
-    from rl.cluster.ray_session import connect
+    from rl.cluster.ray_session import ray_session
     from rollout.engine import EngineSpec, RolloutEngine
 
     config = random_model_config(params)
@@ -122,48 +122,44 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
     total_params = sum(t.numel() for t in state.values())
     memcpy_once = _memcpy(state)
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        connect()
     actors, writer = [], None
-    try:
-        with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as model_dir:
-            config.save_pretrained(model_dir)
-            train_tokenizer(BootstrapSpec()).save_pretrained(model_dir)
-            spec = EngineSpec(model_dir, "float32", 256, 1, 0, True, load_format="dummy")
-            engine_actor = ray.remote(num_cpus=0)(RolloutEngine)
-            actors = [engine_actor.remote(spec) for _ in range(engines)]
-            ray.get([actor.ready.remote() for actor in actors])
-            packed = ray.get(actors[0].packed_modules.remote())
-            node = ray.get(actors[0].node_id.remote())
-        plan = plan_buckets(layout_of(state), packed, int(bucket_mb * 2**20), engines, f"k2rl-bench-{uuid.uuid4().hex[:8]}")
-        writer = BucketWriter(plan, node, local_readers=tuple(range(engines)))
-        update_ids = iter(range(1, 1 << 20))
+    with ray_session():
+        try:
+            with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as model_dir:
+                config.save_pretrained(model_dir)
+                train_tokenizer(BootstrapSpec()).save_pretrained(model_dir)
+                spec = EngineSpec(model_dir, "float32", 256, 1, 0, True, load_format="dummy")
+                engine_actor = ray.remote(num_cpus=0)(RolloutEngine)
+                actors = [engine_actor.remote(spec) for _ in range(engines)]
+                ray.get([actor.ready.remote() for actor in actors])
+                packed = ray.get(actors[0].packed_modules.remote())
+                node = ray.get(actors[0].node_id.remote())
+            plan = plan_buckets(layout_of(state), packed, int(bucket_mb * 2**20), engines, f"k2rl-bench-{uuid.uuid4().hex[:8]}")
+            writer = BucketWriter(plan, node, local_readers=tuple(range(engines)))
+            update_ids = iter(range(1, 1 << 20))
 
-        def update(readers: tuple[int, ...]) -> float:
-            update_id = next(update_ids)
-            request = WeightUpdate(plan, update_id, update_id, readers, timeout_s=300.0)
-            start = time.perf_counter()
-            loads = [actors[r].receive_update.remote(request, r) for r in readers]
-            writer.write(request, ((name, state[name]) for name in plan.names))
-            ray.get(loads)
-            return time.perf_counter() - start
+            def update(readers: tuple[int, ...]) -> float:
+                update_id = next(update_ids)
+                request = WeightUpdate(plan, update_id, update_id, readers, timeout_s=300.0)
+                start = time.perf_counter()
+                loads = [actors[r].receive_update.remote(request, r) for r in readers]
+                writer.write(request, ((name, state[name]) for name in plan.names))
+                ray.get(loads)
+                return time.perf_counter() - start
 
-        update(tuple(range(engines)))  # attaches every engine to the block: not part of the timing
-        # Interleaved, so that the machine's varying memory bandwidth affects every figure alike.
-        memcpy = one = every = float("inf")
-        for _ in range(repeats):
-            memcpy = min(memcpy, memcpy_once())
-            one = min(one, update((0,)))
-            every = min(every, update(tuple(range(engines))) if engines > 1 else one)
-    finally:
-        for actor in actors:
-            ray.get(actor.shutdown.remote())
-            ray.kill(actor)
-        if writer is not None:
-            writer.close()
-        if started_ray:
-            ray.shutdown()
+            update(tuple(range(engines)))  # attaches every engine to the block: not part of the timing
+            # Interleaved, so that the machine's varying memory bandwidth affects every figure alike.
+            memcpy = one = every = float("inf")
+            for _ in range(repeats):
+                memcpy = min(memcpy, memcpy_once())
+                one = min(one, update((0,)))
+                every = min(every, update(tuple(range(engines))) if engines > 1 else one)
+        finally:
+            for actor in actors:
+                ray.get(actor.shutdown.remote())
+                ray.kill(actor)
+            if writer is not None:
+                writer.close()
 
     def timing(seconds: float) -> Timing:
         return Timing(seconds, nbytes / seconds / 1e9, seconds / memcpy)

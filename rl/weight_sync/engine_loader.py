@@ -3,10 +3,13 @@
 Updates are copies into the engine's own parameters through the model's weight loaders
 (`model.load_weights`), which fuse q/k/v and gate/up and take just this worker's
 tensor-parallel shard. That needs every linear layer to keep its weight as a plain tensor:
-on CPU, vLLM instead packs each weight for oneDNN once at load time and drops the plain copy,
-and rebuilding the pack on every update costs many times the copy itself. So before the first
-update, `k2rl_keep_plain_weights` gives those layers their plain weight back and computes them
-with torch's linear; on GPU there is nothing to undo.
+on CPU, vLLM instead packs each weight for its fast kernels (oneDNN) once at load time and
+drops the plain copy, and rebuilding a layer from the checkpoint loader on every update costs
+many times the copy itself. So before the first update, `k2rl_keep_plain_weights` gives those
+layers their plain weight back, and after each update `k2rl_pack_weights` packs them again from
+the plain weights: updates stay copies, and generation keeps the packed kernels (about twice as
+fast as torch's linear on the plain weights, at the price of a second copy of the weights in
+memory). On GPU there is nothing to pack.
 """
 
 from __future__ import annotations
@@ -42,12 +45,25 @@ class WeightSyncLoader:
                 info = get_layerwise_info(layer)
                 restore_layer_on_meta(layer, info)
                 materialize_layer(layer, info)
+            # vLLM would otherwise pack (and drop) the weight again after each load.
             layer._cpu_skip_gemm_dispatch = True
             layer.cpu_linear = torch.nn.functional.linear
             changed += 1
         if changed and reload_from_disk:
             self.model_runner.reload_weights()
         return changed
+
+    def k2rl_pack_weights(self) -> int:
+        """Pack the plain weights for vLLM's CPU kernels, keeping the plain ones for the next update;
+        returns the layers packed. Call after an update has fully arrived."""
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        packed = 0
+        for layer in self.model_runner.get_model().modules():
+            if getattr(layer, "_cpu_skip_gemm_dispatch", False):
+                dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+                packed += 1
+        return packed
 
     def k2rl_attach_plan(self, plan: dict, node_id: str) -> None:
         previous = getattr(self, "_k2rl_mapped", None)

@@ -81,7 +81,7 @@ class WeightSync:
             # The trainer's memory goes to the host before the engines' KV caches come back.
             self.trainers.offload()
             ray.get([engines[index].wake_up.remote(("kv_cache",)) for index in readers if index not in died])
-        self.version = max(self.version, version)
+        self.version = version
         for index, error in died.items():
             self.engines.restart(index, error)
         return version

@@ -3,7 +3,7 @@ import math
 import torch
 
 from rl.trainer.logprobs import token_logprobs
-from rl.trainer.loss import group_advantages, k2_policy_loss
+from rl.trainer.losses import group_advantages, k2_policy_loss
 
 
 def test_group_advantages_subtract_each_prompts_mean():

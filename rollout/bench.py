@@ -1,0 +1,210 @@
+"""`k2rl bench rollout`: what the rollout layer costs, and what partial rollout saves, in one run.
+
+Overhead: the same requests (arithmetic prompts, every response forced to the same length,
+the same seeds) through the whole rollout layer (RolloutManager -> EnginePool -> the engine actor's
+AsyncLLM, episodes, rendering, scoring) against vLLM's offline `LLM.generate` in an actor of its
+own with the same engine arguments. Goal: at most 1.10x.
+
+Partial rollout: steady-state steps of the whole loop on a task mix with a long tail (most tasks
+answer in a few tokens, a few at a long budget; every response runs to its task's budget), with
+and without `rollout.partial.max_tokens_per_step`. Reported per side: seconds per step, samples
+trained per second, and with partial rollout the buffer size and the tokens masked as stale.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rl.config import RunConfig, load_config
+
+
+@dataclass
+class OverheadResult:
+    requests: int
+    tokens_per_request: int
+    offline_s: float
+    rollout_layer_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.rollout_layer_s / self.offline_s
+
+
+@dataclass
+class PartialSide:
+    step_s: float
+    samples_per_s: float
+    samples_per_step: float
+    partial_buffer_size: float = 0.0
+    stale_tokens: float = 0.0
+
+
+@dataclass
+class PartialResult:
+    short_tokens: int
+    long_tokens: int
+    long_share: float
+    budget: int
+    without: PartialSide
+    with_partial: PartialSide
+
+    @property
+    def speedup(self) -> float:
+        return self.with_partial.samples_per_s / self.without.samples_per_s
+
+
+@dataclass
+class RolloutBench:
+    overhead: OverheadResult
+    partial: PartialResult
+
+    def to_dict(self) -> dict:
+        return {
+            "overhead": {**asdict(self.overhead), "ratio": self.overhead.ratio},
+            "partial": {**asdict(self.partial), "speedup": self.partial.speedup},
+        }
+
+    def describe(self) -> str:
+        o, p = self.overhead, self.partial
+        return "\n".join([
+            f"rollout layer vs offline LLM.generate: {o.requests} requests x {o.tokens_per_request} tokens: "
+            f"{o.rollout_layer_s:.2f} s vs {o.offline_s:.2f} s = {o.ratio:.2f}x (goal <= 1.10x)",
+            f"partial rollout: {1 - p.long_share:.0%} of tasks answer in {p.short_tokens} tokens, {p.long_share:.0%} in "
+            f"{p.long_tokens}; budget {p.budget} tokens per step",
+            f"  without: {p.without.step_s:.2f} s/step, {p.without.samples_per_step:.1f} samples/step, "
+            f"{p.without.samples_per_s:.1f} samples/s",
+            f"  with:    {p.with_partial.step_s:.2f} s/step, {p.with_partial.samples_per_step:.1f} samples/step, "
+            f"{p.with_partial.samples_per_s:.1f} samples/s, buffer {p.with_partial.partial_buffer_size:.0f} episodes, "
+            f"{p.with_partial.stale_tokens:.0f} stale tokens masked per step",
+            f"  speedup {p.speedup:.2f}x (goal >= 1.5x)",
+        ])
+
+
+class OfflineEngine:
+    """Run as a Ray actor: vLLM's offline `LLM` with the rollout engines' arguments."""
+
+    def __init__(self, spec):
+        from vllm import LLM
+
+        from rollout.engine import engine_arguments
+
+        self.llm = LLM(**engine_arguments(spec))
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, seeds: list[int]) -> float:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, logprobs=0) for seed in seeds]
+        started = time.perf_counter()
+        self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - started
+
+
+def measure_overhead(workers, model_path: str, requests: int, length: int, repeats: int) -> OverheadResult:
+    """Best of `repeats` for each side, each after one untimed round; the rollout layer's side on
+    the engine of `workers`."""
+    import ray
+
+    from rewards import RewardScorer
+    from rl.data import PromptSampler, arithmetic_eval_tasks
+    from rollout.engine import EngineSpec
+    from rollout.episode import request_seed
+    from rollout.manager import RolloutManager
+    from rollout.rendering import Renderer
+
+    renderer = Renderer.from_pretrained(model_path)
+    tasks = PromptSampler(None, 0, arithmetic_eval_tasks(1)).sample(requests)
+    prompts = [renderer.prompt(t.messages) for t in tasks]
+    seeds = [request_seed(0, f"1-{i}", 0, 0) for i in range(requests)]
+    offline = ray.remote(num_cpus=0)(OfflineEngine).remote(EngineSpec(model_path, "float32", 256, 1, 0, True))
+    try:
+        offline_s = min(ray.get(offline.generate.remote(prompts, length, seeds)) for _ in range(repeats + 1))
+    finally:
+        ray.kill(offline)
+    config = load_config(None, [f"model.path={model_path}", "rollout.n_samples=1", f"rollout.token_budgets.arithmetic={length}",
+                                "rollout.ignore_eos=true"])
+    workers.weight_sync.push(0)
+    manager = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
+    timings = []
+    for round_ in range(repeats + 1):
+        started = time.perf_counter()
+        manager.collect(tasks, step=1 + round_, temperature=1.0, policy_version=0)
+        timings.append(time.perf_counter() - started)
+    manager.close()
+    return OverheadResult(requests, length, offline_s, min(timings[1:]))
+
+
+def partial_tasks(path: Path, count: int, long_share: float) -> Path:
+    """A task file: arithmetic prompts, a `long_share` of them of task type "long"."""
+    from rl.data import PromptSampler, arithmetic_eval_tasks
+
+    tasks = PromptSampler(None, 1, arithmetic_eval_tasks(1)).sample(count)
+    every = round(1 / long_share)
+    with path.open("w") as file:
+        for index, task in enumerate(tasks):
+            kind = "long" if index % every == 0 else "short"
+            file.write(json.dumps({"id": f"{kind}-{index}", "prompt": task.messages[0]["content"], "task_type": kind,
+                                   "answer": task.reward_spec["answer"]}) + "\n")
+    return path
+
+
+def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: int, budget: int) -> RunConfig:
+    return load_config(None, [
+        f"model.path={model_path}", f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.eval_size=1",
+        f"data.eval_every={steps}", f"steps={steps}", "data.prompts_per_step=8", "rollout.n_samples=4",
+        f"rollout.token_budgets.short={short}", f"rollout.token_budgets.long={long}", "rollout.ignore_eos=true",
+        f"rollout.max_model_len={long + 96}", f"rollout.partial.max_tokens_per_step={budget}",
+        "rollout.partial.max_staleness=8", "checkpoint.every=0", "trainer.micro_batch_size=8",
+    ])
+
+
+def partial_budget(short: int) -> int:
+    """The partial side's generation budget: about what the short groups of a step generate, plus a
+    share for the long ones."""
+    prompts, samples = 8, 4
+    return int(prompts * samples * short * 1.5)
+
+
+def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int, long_share: float, steps: int,
+                    warmup: int) -> PartialResult:
+    """Steady-state steps without and with partial rollout, each a run on `workers`."""
+    from rl.loop import Controller
+
+    budget = partial_budget(short)
+    sides = []
+    with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
+        for side_budget in (0, budget):
+            run_dir = Path(scratch) / f"run-{side_budget}"
+            config = partial_config(model_path, tasks, short, long, warmup + steps, side_budget)
+            Controller(config, run_dir).run(model_path, workers=workers)
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
+            step = statistics.mean(row["time_step_s"] for row in rows)
+            trained = statistics.mean(row["samples_trained"] for row in rows)
+            sides.append(PartialSide(
+                step_s=step, samples_per_s=trained / step, samples_per_step=trained,
+                partial_buffer_size=statistics.mean(row.get("partial_buffer_size", 0) for row in rows),
+                stale_tokens=statistics.mean(row.get("stale_tokens", 0) for row in rows),
+            ))
+    return PartialResult(short, long, long_share, budget, sides[0], sides[1])
+
+
+def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int, steps: int, warmup: int) -> RolloutBench:
+    from rl.cluster.ray_session import ray_session
+
+    from rl.cluster.workers import Workers
+
+    short, long, long_share = 16, 160, 0.125
+    with ray_session(), tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
+        tasks = partial_tasks(Path(scratch) / "tasks.jsonl", 256, long_share)
+        # One set of workers for both measurements: the runs of the partial-rollout sides use them as they are.
+        workers = Workers.start(partial_config(model_path, tasks, short, long, 1, 0), model_path)
+        try:
+            overhead = measure_overhead(workers, model_path, requests, length, repeats)
+            partial = measure_partial(workers, model_path, tasks, short, long, long_share, steps, warmup)
+        finally:
+            workers.shutdown()
+    return RolloutBench(overhead, partial)
