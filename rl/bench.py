@@ -105,13 +105,21 @@ class StepBench:
         return "\n".join(lines)
 
 
+def large_config(tokenizer_dir: Path):
+    """The LARGE shape over the config of the policy in `tokenizer_dir`, built anew rather than
+    changed in place, so that per-layer fields (layer_types) follow the new depth."""
+    from transformers import AutoConfig
+
+    small = AutoConfig.from_pretrained(tokenizer_dir)
+    fields = {key: value for key, value in small.to_dict().items() if key != "layer_types"}
+    return type(small)(**{**fields, **LARGE})
+
+
 def large_model(out_dir: Path, tokenizer_dir: Path) -> Path:
     """A random Qwen2 model of the LARGE shape with the tokenizer of `tokenizer_dir`, saved to `out_dir`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(tokenizer_dir)
-    for key, value in LARGE.items():
-        setattr(config, key, value)
+    config = large_config(tokenizer_dir)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
@@ -301,10 +309,7 @@ def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int)
 
 
 def _large_parameters(tokenizer_dir: Path) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(tokenizer_dir)
-    for key, value in LARGE.items():
-        setattr(config, key, value)
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(large_config(tokenizer_dir)).parameters())

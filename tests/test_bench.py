@@ -34,3 +34,14 @@ def test_a_bench_size_that_does_not_fit_is_one_line():
 
     with pytest.raises(ConfigError, match=r"bench size 'huge': about .* GiB needed .* GiB free"):
         check_memory(10**12, "huge")
+
+
+def test_the_large_size_is_a_deeper_model_with_the_policys_tokenizer(tiny_policy, tmp_path):
+    from transformers import AutoConfig
+
+    from rl.bench import LARGE, _large_parameters, large_model
+
+    config = AutoConfig.from_pretrained(large_model(tmp_path / "large", tiny_policy))
+    assert all(getattr(config, key) == value for key, value in LARGE.items())
+    assert len(config.layer_types) == config.num_hidden_layers
+    assert 50e6 < _large_parameters(tiny_policy) < 100e6
