@@ -1,4 +1,5 @@
-"""Our Muon, on plain tensors, is torch.optim.Muon with the AdamW-matched step size."""
+"""Our Muon, on plain tensors, is torch.optim.Muon with the AdamW-matched step size (on CPU it
+orthogonalises in float32 where torch's Muon uses bfloat16, so the two agree to bfloat16's precision)."""
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def test_muon_matches_torch_muon(shape):
         ours.grad, reference.grad = grad.clone(), grad.clone()
         for optimizer in optimizers:
             optimizer.step()
-        assert torch.equal(ours, reference)
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("optimizer, muon_params", [("muon", 2), ("adamw", 0)])
