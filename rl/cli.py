@@ -111,9 +111,13 @@ def resolve_model_path(config) -> str:
 
     if not config.model.path:
         return str(ensure_default_policy(config.model.embedded))
-    path = Path(config.model.path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
+    return require_model_dir(config.model.path, "model.path:")
+
+
+def require_model_dir(path: str, named: str) -> str:
+    """`path` if it is a Hugging Face model directory, else one line naming it (`named` says where it was given)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{named} {path} is not a Hugging Face model directory (no config.json)")
     return str(path)
 
 
@@ -223,9 +227,7 @@ def cmd_bench_step(ns: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
             if ns.model:
-                if not (Path(ns.model) / "config.json").is_file():
-                    return _fail(f"--model {ns.model} is not a Hugging Face model directory (no config.json)")
-                sizes = [BenchSize(Path(ns.model).name, ns.model, ns.prompts or 16, ns.samples or 8)]
+                sizes = [BenchSize(Path(ns.model).name, require_model_dir(ns.model, "--model"), ns.prompts or 16, ns.samples or 8)]
             else:
                 sizes = built_in_sizes(ns.sizes.split(","), Path(scratch))
             bench = run_step_bench(sizes, ns.steps, ns.warmup, ns.length)
@@ -242,9 +244,10 @@ def cmd_bench_rollout(ns: argparse.Namespace) -> int:
     for flag, value in (("--requests", ns.requests), ("--length", ns.length), ("--repeats", ns.repeats), ("--steps", ns.steps)):
         if value <= 0:
             return _fail(f"{flag} must be > 0, got {value}")
-    model = ns.model or str(ensure_default_policy())
-    if not (Path(model) / "config.json").is_file():
-        return _fail(f"--model {model} is not a Hugging Face model directory (no config.json)")
+    try:
+        model = require_model_dir(ns.model, "--model") if ns.model else str(ensure_default_policy())
+    except ConfigError as error:
+        return _fail(str(error))
     bench = run_rollout_bench(model, ns.requests, ns.length, ns.repeats, ns.steps, ns.warmup)
     print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
     return 0
