@@ -13,7 +13,7 @@ with `load_format="dummy"` reads no checkpoint from disk. An update never meets 
 ever continues on new weights with KV computed by old ones.
 
 vLLM runs its engine core in a child process of this actor. Killing the actor takes that process
-with it (tests/test_engine_failure.py checks that none is left behind).
+with it (tests/test_rollout.py checks that none is left behind).
 """
 
 from __future__ import annotations

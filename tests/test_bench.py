@@ -1,30 +1,32 @@
 """`k2rl bench step` and `k2rl bench rollout` run end to end on the tiny policy (figures are not asserted)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from rl.cli import main
 
 pytestmark = pytest.mark.integration
 
 
-def _bench(*args: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "rl.cli", "bench", *args, "--json"], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout[result.stdout.index("{"):])
+def _bench(capsys, *args: str) -> dict:
+    """`k2rl bench ... --json` in this process, on the session's Ray cluster."""
+    capsys.readouterr()
+    assert main(["bench", *args, "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
 
 
-def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy):
-    report = _bench("step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=1", "--warmup=0")
+def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ray_cluster, capsys):
+    report = _bench(capsys, "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=1", "--warmup=0")
     [size] = report["sizes"]
     assert size["completions_per_step"] == 4 and set(size["ratios"]) == {"end_to_end", "rollout", "train"}
     assert set(size["k2rl"]["breakdown"]) == {"rollout", "reward", "train", "weight sync", "rest"}
     assert size["baseline"]["step_s"] > 0 and size["k2rl"]["tokens_per_s"] > 0
 
 
-def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy):
-    report = _bench("rollout", f"--model={tiny_policy}", "--requests=4", "--length=4", "--repeats=1", "--steps=2", "--warmup=1")
+def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, ray_cluster, capsys):
+    report = _bench(capsys, "rollout", f"--model={tiny_policy}", "--requests=4", "--length=4", "--repeats=1", "--steps=2", "--warmup=1")
     assert report["overhead"]["ratio"] > 0 and report["partial"]["speedup"] > 0
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_WORKERS
 
 from rl.config import load_config
 from rl.loop import Controller
@@ -12,7 +13,7 @@ from rollout.rendering import Renderer
 pytestmark = pytest.mark.integration
 
 
-def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays(tiny_policy, ray_cluster, tmp_path):
+def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays(tiny_policy, tiny_workers, ray_cluster, tmp_path):
     config = load_config(
         None,
         [
@@ -21,8 +22,7 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
             "rollout.n_samples=4",
             "data.eval_size=8",
             "data.eval_every=1",
-            "trainer.micro_batch_size=2",
-            "trainer.optimizer_steps_per_batch=2",
+            *TINY_WORKERS,
             # A decaying temperature: the trainer computes each token's logprob at its own temperature.
             "rollout.temperature={schedule: linear, start: 1.0, end: 0.6, steps: 2}",
             f"model.path={tiny_policy}",
@@ -39,7 +39,7 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
         trainer = torch.tensor(workers.trainers.logprobs(sequence))
         checks.append((step, workers.weight_sync.version, (engine - trainer).abs().max().item()))
 
-    summary = controller.run(str(tiny_policy), on_step=compare_logprobs)
+    summary = controller.run(str(tiny_policy), on_step=compare_logprobs, workers=tiny_workers)
 
     assert summary.weight_version == 2
     assert [(step, version) for step, version, _ in checks] == [(1, 1), (2, 2)]

@@ -5,8 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 BUILT_IN = ("code", "instruction", "math", "puzzle")
 
 
@@ -37,13 +35,18 @@ def test_scorer_worker_processes_find_every_built_in_reward():
     assert set(lines) == set(BUILT_IN)
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
-def test_k2rl_score_accepts_every_built_in_reward(name, tmp_path):
-    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+def test_k2rl_score_accepts_every_built_in_reward(tmp_path):
+    """`k2rl score --reward NAME` for each name, in one fresh process."""
+    source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"response": "42"}) + "\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "score", "--reward", name, "--input", str(source), "--output", str(target)],
-        capture_output=True, text=True, timeout=120,
+    code = (
+        "from rl.cli import main\n"
+        f"for name in {BUILT_IN!r}:\n"
+        f"    code = main(['score', '--reward', name, '--input', {str(source)!r}, '--output', {str(tmp_path)!r} + f'/{{name}}.jsonl'])\n"
+        "    print('exit code', name, code)\n"
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "unknown reward" not in result.stderr and len(target.read_text().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "unknown reward" not in result.stderr, result.stderr[-2000:]
+    codes = dict(line.split()[2:] for line in result.stdout.splitlines() if line.startswith("exit code "))
+    assert codes == {name: "0" for name in BUILT_IN}
+    assert all(len((tmp_path / f"{name}.jsonl").read_text().splitlines()) == 1 for name in BUILT_IN)

@@ -1,5 +1,5 @@
 """configs/cpu_tp2_2engines.yaml for real: a tensor-parallel trainer, two vLLM engines fed by weight
-sync in buckets smaller than the largest tensor, and an engine killed mid-run."""
+sync in buckets smaller than the largest tensor, and engines killed mid-run."""
 
 import json
 import time
@@ -56,22 +56,10 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
     def after_step(step, workers):
         checks.extend((step, workers.weight_sync.version, gap) for gap in engine_gaps(workers))
         if step == 1:
-            # Engine 1 dies; the next rollout restarts it at the current version, and its episodes
-            # are played again: each task's group comes back whole, every episode once.
+            # Engine 1 dies as an update begins: its node's writer stops waiting for it at once (well
+            # within weight_sync.timeout_s), and engine 1 is restarted and gets that same version.
+            # (An engine that dies mid-rollout: tests/test_rollout.py.)
             ray_cluster.kill(workers.engines.engines[1])
-            rollout = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
-            try:
-                out = rollout.collect([_task(i) for i in range(6)], step=99, temperature=1.0, policy_version=workers.weight_sync.version)
-            finally:
-                rollout.close()
-            restarts.append(list(workers.engines.restarts))
-            assert sorted(out.groups) == [f"99-{i}" for i in range(6)]
-            assert all(sorted(t.sample_index for t in group) == [0, 1, 2, 3] for group in out.groups.values())
-            assert {t.oldest_version for t in out.trajectories} == {workers.weight_sync.version}
-            assert max(engine_gaps(workers)) < 1e-3
-            # Engine 0 dies as an update begins: its node's writer stops waiting for it at once (well
-            # within weight_sync.timeout_s), engine 0 is restarted and gets that same version.
-            ray_cluster.kill(workers.engines.engines[0])
             started = time.monotonic()
             assert workers.weight_sync.push(1) == 1
             assert time.monotonic() - started < config.weight_sync.timeout_s
@@ -92,7 +80,7 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
     summary = Controller(config, tmp_path / "run").run(str(tiny_policy), on_step=after_step)
 
     assert summary.weight_version == 2
-    assert restarts == [[0, 1], [1, 1]]
+    assert restarts == [[0, 1]]
     assert [(step, version) for step, version, _ in checks] == [(1, 1), (1, 1), (2, 2), (2, 2)]
     assert all(diff < 1e-3 for _, _, diff in checks), checks
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
