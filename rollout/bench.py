@@ -98,7 +98,7 @@ class OfflineEngine:
     def generate(self, prompts: list[list[int]], max_tokens: int, seeds: list[int]) -> float:
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, logprobs=0) for seed in seeds]
+        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, logprobs=0, detokenize=False) for seed in seeds]
         started = time.perf_counter()
         self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return time.perf_counter() - started

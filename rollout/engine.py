@@ -254,6 +254,8 @@ class RolloutEngine:
             seed=request.seed,
             ignore_eos=request.ignore_eos,
             logprobs=0 if request.temperature > 0 else None,
+            # Token ids are all the rollout layer reads: no text is made of them in the engine.
+            detokenize=False,
             output_kind=RequestOutputKind.DELTA if request.count_tokens else RequestOutputKind.FINAL_ONLY,
         )
 
