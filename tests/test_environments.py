@@ -265,9 +265,17 @@ print(json.dumps({"ids": env_ids(), "echo": type(echo).__module__, "prompt": pro
 
 
 def assert_dead(handles: list) -> None:
+    """Each actor dies within a minute. ray.kill is asynchronous: a call sent right after it may
+    still be served, so the check asks until a call fails."""
+    deadline = time.monotonic() + 60
     for handle in handles:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(handle.ready.remote(), timeout=60)
+        while True:
+            try:
+                ray.get(handle.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline, f"{handle} is still alive a minute after it was killed"
+            time.sleep(0.2)
 
 
 @pytest.mark.integration
