@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,6 +45,8 @@ from rl.trainer.parallel import build_mesh, check_layout, shard_model, whole
 from rl.trainer.qk_clip import QKClip
 from rl.trainer.state import load_train_state, save_train_state
 from rl.weight_sync.transport import BucketPlan, BucketWriter, WeightUpdate
+
+_RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass
@@ -115,13 +116,16 @@ class TrainerWorker:
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         self.weight_writer: BucketWriter | None = None
         self.offloaded: set[str] = set()  # "parameters", "optimizer": on the host (colocated on GPU)
+        self.store: dist.TCPStore | None = None  # rank 0's, once `rendezvous_address` opened it
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """Rank 0: this node's address and a free port on it, where the process group forms."""
+        """Rank 0: open the process group's store on this node, on a port the system picks, and
+        say where it listens. Holding the socket from here on means no other process can take the
+        port between choosing it and forming the group."""
         address = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind((address, 0))
-            return address, sock.getsockname()[1]
+        self.store = dist.TCPStore(address, 0, self.world_size, is_master=True, timeout=_RENDEZVOUS_TIMEOUT,
+                                   wait_for_workers=False)
+        return address, self.store.port
 
     def parameter_count(self) -> int:
         return sum(param.numel() for param in _unique(list(self.model.parameters())))
@@ -137,12 +141,13 @@ class TrainerWorker:
     def join(self, address: str, port: int, interface: str, strategy: str = "fsdp") -> None:
         """Form the process group, give every rank rank 0's weights, shard (data-parallel `strategy`:
         "fsdp" or "replicate"), build the optimizer."""
-        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port))
+        store = self.store or dist.TCPStore(address, port, self.world_size, is_master=self.rank == 0,
+                                            timeout=_RENDEZVOUS_TIMEOUT, wait_for_workers=False)
         interface = interface or _interface_of(ray.util.get_node_ip_address())
         if interface:
             os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = interface
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(minutes=10))
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=_RENDEZVOUS_TIMEOUT)
         torch.manual_seed(self.seed)
         mesh = build_mesh(self.config, self.device.type)
         model = self.model
@@ -406,6 +411,7 @@ class TrainerWorker:
             self.weight_writer = None
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.store = None
 
 
 def _rollout_gap(old_logprobs: torch.Tensor, micro: MicroBatch, policy_version: int) -> MetricMean:
