@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -160,7 +161,7 @@ def _write_tasks(path, count: int):
 
 
 @pytest.mark.integration
-def test_two_iterations_with_critic_refinement_on_real_engines(critic_policy, ray_cluster, tmp_path):
+def test_two_iterations_with_critic_refinement_then_the_trained_policy_scores_groups(critic_policy, ray_cluster, tmp_path, capsys):
     tasks = _write_tasks(tmp_path / "tasks.jsonl", 8)
     config = load_config(None, [
         "steps=2", "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=4", "data.eval_every=1",
@@ -183,6 +184,29 @@ def test_two_iterations_with_critic_refinement_on_real_engines(critic_policy, ra
     assert list((tmp_path / "run" / "checkpoints").glob("*/critique.json"))
     report = json.loads((critic_policy / "bootstrap.json").read_text())["report"]
     assert 0 <= report["comparison_accuracy"] <= 1
+    _score_groups_with_a_critic_model(tmp_path / "run" / "final", tmp_path, capsys)
+
+
+def _score_groups_with_a_critic_model(critic: Path, tmp_path: Path, capsys) -> None:
+    """`k2rl score` with the trained policy as the critic: the run's final directory, as saved,
+    loads in a fresh vLLM engine of its own."""
+    source, target = tmp_path / "groups.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Ana has {i} pens and buys 4 more. How many pens?",
+                                          "responses": [f"\\boxed{{{i + 4}}}", f"\\boxed{{{i + 5}}}", "no idea"],
+                                          "rubrics": "compact", "max_tokens": 8}) + "\n" for i in range(2)))
+    # In-process, on the session's Ray cluster: the command starts the critic's engine and stops it.
+    capsys.readouterr()
+    code = main(["score", "--reward", "rubric", "--input", str(source), "--output", str(target), "--critic-model", str(critic)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    out = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(out) == 2
+    for row in out:
+        assert len(row["rewards"]) == 3 and all(0 <= r <= 1 for r in row["rewards"])
+        # The tiny critic answers in the verdict format, or its group fails with that reason.
+        for info in row["reward_info"]:
+            assert info["reason"].startswith(("rubric: ", "reward_error: CriticFormatError: the critic gave no valid verdict"))
+    assert "k2rl: scored 6 responses" in printed.out
 
 
 def test_score_groups_with_an_endpoint_critic(tmp_path, capsys):
@@ -216,23 +240,3 @@ def test_score_groups_needs_a_working_critic(tmp_path, capsys):
     assert "give --critic-model DIR or --critic-url URL" in errors[0]
     assert "critic endpoint http://127.0.0.1:9/v1: unreachable" in errors[1]
     assert "is not a Hugging Face model directory" in errors[2]
-
-
-@pytest.mark.integration
-def test_score_groups_with_a_critic_model_on_its_own_engine(critic_policy, ray_cluster, tmp_path, capsys):
-    source, target = tmp_path / "groups.jsonl", tmp_path / "out.jsonl"
-    source.write_text("".join(json.dumps({"prompt": f"Ana has {i} pens and buys 4 more. How many pens?",
-                                          "responses": [f"\\boxed{{{i + 4}}}", f"\\boxed{{{i + 5}}}", "no idea"],
-                                          "rubrics": "compact", "max_tokens": 8}) + "\n" for i in range(2)))
-    # In-process, on the session's Ray cluster: the command starts the critic's engine and stops it.
-    code = main(["score", "--reward", "rubric", "--input", str(source), "--output", str(target), "--critic-model", str(critic_policy)])
-    printed = capsys.readouterr()
-    assert code == 0, printed.err[-3000:]
-    out = [json.loads(line) for line in target.read_text().splitlines()]
-    assert len(out) == 2
-    for row in out:
-        assert len(row["rewards"]) == 3 and all(0 <= r <= 1 for r in row["rewards"])
-        # The tiny critic answers in the verdict format, or its group fails with that reason.
-        for info in row["reward_info"]:
-            assert info["reason"].startswith(("rubric: ", "reward_error: CriticFormatError: the critic gave no valid verdict"))
-    assert "k2rl: scored 6 responses" in printed.out

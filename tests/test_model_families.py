@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_families import FAMILIES, build_family
+from safetensors.torch import load_file
 from trainer_helpers import free_port, full_parameters_and_grads, run_two_ranks, samples, start_worker
 from transformers import AutoModelForCausalLM
 
@@ -90,6 +91,8 @@ def _one_step(rank: int, world_size: int, port: int, model_dir: Path, layout: La
             "state": full_parameters_and_grads(model),
         }
         torch.save(result, out / f"rank{rank}.pt")
+        if dtype != "float32":
+            worker.save_model(str(out / "saved"))
     finally:
         worker.shutdown()
 
@@ -150,6 +153,10 @@ def test_bfloat16_compute_keeps_float32_master_weights_with_tensor_parallelism(f
         assert {dtype for _, dtype, _ in rank["engine_layout"]} == {"bfloat16"}
         # bfloat16 has 8 significant bits: logprobs near log(1/128k) move by a few hundredths.
         torch.testing.assert_close(rank["logprobs"], whole["logprobs"], rtol=0, atol=0.1)
+    # The saved model is in the engines' dtype, and says so.
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+    assert {tensor.dtype for tensor in load_file(tmp_path / "saved" / "model.safetensors").values()} == {torch.bfloat16}
 
 
 def test_qwen3_layers_are_clipped_as_a_whole(family_dirs, tmp_path):

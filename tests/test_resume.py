@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from processes import assert_all_exit, processes_with_marker
 from safetensors.torch import load_file
-from test_engine_failure import _processes_with_marker
 
 from rl.cli import main
 from rl.config import load_config
@@ -39,42 +40,43 @@ def _rows(run_dir: Path) -> list[dict]:
     return [{key: value for key, value in row.items() if not key.startswith("time_")} for row in rows]
 
 
-def _cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rl.cli", "train", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def _kill_after_step(run: subprocess.Popen, run_dir: Path, step: int) -> str:
+    """SIGKILL `run` once its metrics show `step`; returns the end of its stderr if it ended first."""
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "metrics.jsonl").is_file() or f'"step": {step},' not in (run_dir / "metrics.jsonl").read_text():
+            if run.poll() is not None or time.monotonic() > deadline:
+                return run.stderr.read()[-2000:] or "timed out"
+            time.sleep(0.2)
+        return ""
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
 
 
 @pytest.mark.integration
-def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, ray_cluster, tmp_path):
+def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, ray_cluster, tmp_path, capsys):
     overrides = [*OVERRIDES, f"model.path={tiny_policy}"]
-    Controller(load_config(None, overrides), tmp_path / "whole").run(str(tiny_policy))
-
     killed = tmp_path / "killed"
     marker = uuid.uuid4().hex
     env = {**os.environ, "K2RL_TEST_RUN": marker}
     run = subprocess.Popen([sys.executable, "-m", "rl.cli", "train", *overrides, f"--run-dir={killed}"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        # Killed once step 3 is done: the checkpoint of step 2 is the latest, step 3 is lost.
-        deadline = time.monotonic() + 600
-        while not (killed / "metrics.jsonl").is_file() or '"step": 3' not in (killed / "metrics.jsonl").read_text():
-            assert run.poll() is None, run.stderr.read()[-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-    finally:
-        run.send_signal(signal.SIGKILL)
-        run.wait()
+    # Killed once step 3 is done: the checkpoint of step 2 is the latest, step 3 is lost. The
+    # uninterrupted run goes on meanwhile, in this process: the two share the machine's cores.
+    with ThreadPoolExecutor(1) as pool:
+        kill = pool.submit(_kill_after_step, run, killed, 3)
+        Controller(load_config(None, overrides), tmp_path / "whole").run(str(tiny_policy))
+        assert kill.result() == ""
     assert [p.name for p in RunCheckpoints(killed, keep=2).completed()] == ["step-000002"]
 
-    resumed = _cli(f"--resume={killed}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Resumed in this process, on the session's Ray cluster.
+    capsys.readouterr()
+    assert main(["train", f"--resume={killed}"]) == 0, capsys.readouterr().err[-3000:]
     assert "resumed from" in (killed / "train.log").read_text()
-    # Ray's head processes die with the driver; its per-node agents and the engines' vLLM processes
-    # notice within about a minute (the resumed run has taken most of it).
-    deadline = time.monotonic() + 120
-    while _processes_with_marker(f"K2RL_TEST_RUN={marker}") and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not _processes_with_marker(f"K2RL_TEST_RUN={marker}"), "the killed run left processes behind"
+    # Ray's head processes die with the killed driver; its per-node agents and the engines' vLLM
+    # processes notice within about a minute (the resumed run has taken most of it).
+    assert_all_exit(lambda: processes_with_marker(f"K2RL_TEST_RUN={marker}"), 120, "the killed run")
 
     assert _rows(killed) == _rows(tmp_path / "whole")
     whole, again = (load_file(run / "final" / "model.safetensors") for run in (tmp_path / "whole", killed))

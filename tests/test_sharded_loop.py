@@ -2,7 +2,6 @@
 sync in buckets smaller than the largest tensor, and engines killed mid-run."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -56,13 +55,11 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
     def after_step(step, workers):
         checks.extend((step, workers.weight_sync.version, gap) for gap in engine_gaps(workers))
         if step == 1:
-            # Engine 1 dies as an update begins: its node's writer stops waiting for it at once (well
-            # within weight_sync.timeout_s), and engine 1 is restarted and gets that same version.
-            # (An engine that dies mid-rollout: tests/test_rollout.py.)
+            # Engine 1 dies as an update begins: its node's writer stops waiting for it (a writer
+            # that waited out weight_sync.timeout_s would fail the push), and engine 1 is restarted
+            # and gets that same version. (An engine that dies mid-rollout: tests/test_rollout.py.)
             ray_cluster.kill(workers.engines.engines[1])
-            started = time.monotonic()
             assert workers.weight_sync.push(1) == 1
-            assert time.monotonic() - started < config.weight_sync.timeout_s
             restarts.append(list(workers.engines.restarts))
             assert max(engine_gaps(workers)) < 1e-3
         if step == 2:

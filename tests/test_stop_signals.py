@@ -1,6 +1,9 @@
 """Ctrl-C or SIGTERM: the current step finishes, a checkpoint is written, the run exits and can be
-resumed, and no process is left behind; a second signal stops it at once."""
+resumed, and no process is left behind; a second signal stops it at once. The run trains in
+bfloat16 and shows the engine-trainer gap reported for it (its float32 master weights:
+tests/test_model_families.py)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,10 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_engine_failure import _processes_with_marker
+from processes import assert_all_exit, processes_with_marker
 
 from rl.run_checkpoint import RunCheckpoints
-
 
 
 def _start(tiny_policy, run_dir: Path, marker: str) -> subprocess.Popen:
@@ -21,7 +23,7 @@ def _start(tiny_policy, run_dir: Path, marker: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rl.cli", "train", f"model.path={tiny_policy}", "steps=50", "data.prompts_per_step=4",
          "rollout.n_samples=4", "data.eval_size=4", "data.eval_every=100", "trainer.micro_batch_size=4",
-         "checkpoint.every=0", f"--run-dir={run_dir}"],
+         "checkpoint.every=0", "model.dtype=bfloat16", "reward.budget_penalty=-1.0", f"--run-dir={run_dir}"],
         env={**os.environ, "K2RL_TEST_RUN": marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
@@ -33,13 +35,6 @@ def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> None:
         assert run.poll() is None, run.stderr.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
-
-
-def _no_leftovers(marker: str) -> None:
-    deadline = time.monotonic() + 120
-    while _processes_with_marker(f"K2RL_TEST_RUN={marker}") and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not _processes_with_marker(f"K2RL_TEST_RUN={marker}")
 
 
 @pytest.mark.integration
@@ -54,7 +49,11 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits(tiny_policy, tmp
     stopped = int(checkpoint.name.removeprefix("step-"))
     assert f"stopped after step {stopped} with a checkpoint; continue with: k2rl train --resume {run_dir}" in out
     assert stopped < 50 and "SIGINT: finishing this step" in (run_dir / "train.log").read_text()
-    _no_leftovers(marker)
+    # The engines and the trainer's forward compute in bfloat16, each with its own kernels: the gap
+    # is bfloat16 rounding, reported as it is for float32.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    assert len(rows) == stopped and all(row["grad_norm"] > 0 and 0 < row["logprob_diff_mean"] < 0.1 for row in rows), rows
+    assert_all_exit(lambda: processes_with_marker(f"K2RL_TEST_RUN={marker}"), 120, "the stopped run")
 
 
 def test_a_second_signal_stops_at_once(tmp_path):

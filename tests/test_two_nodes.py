@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_engine_failure import _processes_with_marker
+from processes import assert_all_exit, processes_with_marker
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,4 @@ def test_two_iterations_on_a_two_node_cluster(tiny_policy, tmp_path):
     finally:
         for node in reversed(nodes):
             _stop(node)
-    deadline = time.monotonic() + 120
-    while _processes_with_marker(f"K2RL_TEST_RUN={marker}") and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not _processes_with_marker(f"K2RL_TEST_RUN={marker}")
+    assert_all_exit(lambda: processes_with_marker(f"K2RL_TEST_RUN={marker}"), 120, "the two-node run")

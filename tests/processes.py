@@ -1,0 +1,44 @@
+"""What the tests that start runs check of processes: that none outlives the run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def processes_with_marker(marker: str) -> list[int]:
+    """Processes whose environment carries `marker`: a command and everything it started."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def run_processes() -> set[tuple[int, float]]:
+    """The trainer ranks, engines and engine cores among this process's descendants (the session's
+    Ray cluster and its actors), as (pid, start time). Ray's idle workers come and go as it sees fit."""
+    import psutil
+
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if any(name in " ".join(process.cmdline()) for name in ("TrainerWorker", "RolloutEngine", "EngineCore")):
+                found.add((process.pid, process.create_time()))
+        except psutil.Error:
+            continue
+    return found
+
+
+def assert_all_exit(remaining, timeout_s: float, what: str) -> None:
+    """`remaining()` (the processes still there) becomes empty within `timeout_s`: processes that
+    notice their parent's end do so by polling, not at once."""
+    deadline = time.monotonic() + timeout_s
+    while (left := remaining()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"{what} left processes behind: {sorted(left)}"
