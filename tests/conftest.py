@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny policy and one Ray cluster per test session (the machine has 2 cores)."""
+"""Shared fixtures: one tiny policy and one Ray cluster per test session (per worker: the suite runs
+on two), and the order of the tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from rl.bootstrap import BootstrapSpec, bootstrap
 # A few SFT steps are enough to exercise the bootstrap path and give a model with
 # the right tokenizer, chat template and architecture; its accuracy does not matter.
 TINY_SPEC = BootstrapSpec(num_layers=2, sft_steps=5, eval_size=8, sft_batch_size=16)
+
+
+def pytest_collection_modifyitems(items):
+    """The integration tests first: the suite runs on two workers, a file at a time (pyproject's
+    addopts), so the long files start early and the short ones fill in at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
 
 @pytest.fixture(autouse=True)

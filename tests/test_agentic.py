@@ -16,6 +16,7 @@ from rl.loop import Controller
 from rollout.environments.python_tool import INSTRUCTIONS
 from rollout.rendering import Renderer
 from sandboxes import SandboxConfig, docker_available, open_sandbox
+from sandboxes.docker_pool import LABEL_OWNER, owner_label
 from sandboxes.shared import use_sandbox
 
 IMAGE = "k2rl-sandbox:latest"
@@ -68,5 +69,5 @@ def test_two_iterations_of_python_tool_episodes_in_docker_sandboxes(tiny_policy,
     for row in rows[1:]:
         assert 1 <= row["turns_mean"] <= 3 and 0 <= row["tool_call_rate"] <= 1
         assert row["reward_error_frac"] == 0 and row["reward_reasons"].get("environment_error", 0) == 0
-    leftover = docker.from_env().containers.list(all=True, filters={"ancestor": IMAGE})
+    leftover = docker.from_env().containers.list(all=True, filters={"label": f"{LABEL_OWNER}={owner_label()}"})
     assert not leftover, f"containers left behind: {[c.name for c in leftover]}"
