@@ -15,8 +15,12 @@ TINY_SPEC = BootstrapSpec(num_layers=2, sft_steps=5, eval_size=8, sft_batch_size
 
 
 def pytest_collection_modifyitems(items):
-    """The integration tests first: the suite runs on two workers, a file at a time (pyproject's
-    addopts), so the long files start early and the short ones fill in at the end."""
+    """How the suite splits over its two workers (pyproject's addopts): a file at a time, except
+    that every test of the shared `tiny_workers` runs on one worker, which starts them once; the
+    integration tests first, so that the long ones start early and the short ones fill in the end."""
+    for item in items:
+        group = "tiny_workers" if "tiny_workers" in item.fixturenames else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
 

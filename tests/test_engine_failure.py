@@ -25,7 +25,7 @@ def test_engine_start_failure_is_one_line_and_leaves_no_processes(tiny_policy, r
     # In-process, on the session's Ray cluster: the run's engine, trainer ranks and the engine's
     # vLLM core are the processes that must not outlive it.
     capsys.readouterr()
-    assert main(["train", f"model.path={broken}", "steps=1", f"--run-dir={tmp_path / 'run'}"]) == 2
+    assert main(["train", f"model.path={broken}", "steps=1", "trainer.data_parallel_size=1", f"--run-dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if line.startswith("k2rl: error:")]
     assert len(error_lines) == 1 and "rollout engine 0 failed to start" in error_lines[0], err[-2000:]
