@@ -1,5 +1,4 @@
-"""Shared fixtures: one tiny policy and one Ray cluster per test session (per worker: the suite runs
-on two), and the order of the tests."""
+"""Shared fixtures: one tiny policy and one Ray cluster per test session (the machine has 2 cores)."""
 
 from __future__ import annotations
 
@@ -12,16 +11,6 @@ from rl.bootstrap import BootstrapSpec, bootstrap
 # A few SFT steps are enough to exercise the bootstrap path and give a model with
 # the right tokenizer, chat template and architecture; its accuracy does not matter.
 TINY_SPEC = BootstrapSpec(num_layers=2, sft_steps=5, eval_size=8, sft_batch_size=16)
-
-
-def pytest_collection_modifyitems(items):
-    """How the suite splits over its two workers (pyproject's addopts): a file at a time, except
-    that every test of the shared `tiny_workers` runs on one worker, which starts them once; the
-    integration tests first, so that the long ones start early and the short ones fill in the end."""
-    for item in items:
-        group = "tiny_workers" if "tiny_workers" in item.fixturenames else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
 
 @pytest.fixture(autouse=True)
