@@ -1,9 +1,21 @@
-"""What the tests that start runs check of processes: that none outlives the run."""
+"""What the tests that start runs check of their processes: how far a run has got, and that none
+outlives it."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
+
+
+def wait_for_step(run: subprocess.Popen, run_dir: Path, step: int, timeout_s: float = 600) -> None:
+    """Until the run's metrics show `step`; fails with the end of its stderr if it ends first."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while not metrics.is_file() or f'"step": {step},' not in metrics.read_text():
+        assert run.poll() is None, run.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"no step {step} in {metrics} within {timeout_s:g} s"
+        time.sleep(0.2)
 
 
 def processes_with_marker(marker: str) -> list[int]:

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from processes import assert_all_exit, processes_with_marker
+from processes import assert_all_exit, processes_with_marker, wait_for_step
 
 from rl.run_checkpoint import RunCheckpoints
 
@@ -29,19 +28,11 @@ def _start(tiny_policy, run_dir: Path, marker: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_step(run_dir: Path, step: int, run: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 600
-    while not (run_dir / "metrics.jsonl").is_file() or f'"step": {step},' not in (run_dir / "metrics.jsonl").read_text():
-        assert run.poll() is None, run.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-
-
 @pytest.mark.integration
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits(tiny_policy, tmp_path):
     marker, run_dir = uuid.uuid4().hex, tmp_path / "run"
     run = _start(tiny_policy, run_dir, marker)
-    _wait_for_step(run_dir, 1, run)
+    wait_for_step(run, run_dir, 1)
     os.killpg(run.pid, signal.SIGINT)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err[-3000:]
