@@ -117,7 +117,8 @@ class Controller:
             workers: Workers | None = None) -> RunSummary:
         """Every iteration from the start, or from the checkpoint chosen by `prepare`;
         `on_step(step, workers)` is called after each weight update. Given `workers` (started for
-        the same model, mesh and engines), the run uses them as they are and leaves them running."""
+        the same model, mesh and engines), the run starts their trainer from the model again (or
+        from the checkpoint) and leaves them running."""
         config = self.config
         started = time.perf_counter()
         if not self._prepared:
@@ -137,6 +138,8 @@ class Controller:
                 workers = Workers.start(config, model_path)
             else:
                 workers.serve(config)
+                if not resume:
+                    workers.trainers.reset(config.seed)
             log.info("workers started in %.1f s", time.perf_counter() - started)
             rollout = RolloutManager(config, workers.engines, Renderer.from_pretrained(model_path, config.model.prompt_format), scorer)
             first_step = self._restore(workers, rollout, *self.resume_from) + 1 if resume else 1

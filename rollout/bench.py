@@ -200,7 +200,7 @@ def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int,
     short, long, long_share = 16, 160, 0.125
     with ray_session(), tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
         tasks = partial_tasks(Path(scratch) / "tasks.jsonl", 256, long_share)
-        # One set of workers for both measurements: the runs of the partial-rollout sides use them as they are.
+        # One set of workers for both measurements: each run of a partial-rollout side starts their trainer from the model again.
         workers = Workers.start(partial_config(model_path, tasks, short, long, 1, 0), model_path)
         try:
             overhead = measure_overhead(workers, model_path, requests, length, repeats)

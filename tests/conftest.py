@@ -1,10 +1,15 @@
-"""Shared fixtures: one tiny policy and one Ray cluster per test session (the machine has 2 cores)."""
+"""Shared fixtures: one tiny policy, one Ray cluster of two nodes and one set of tiny workers per test
+session (the machine has 2 cores)."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+from processes import assert_all_exit, processes_with_marker
+from ray_nodes import two_node_cluster
 
 from rl.bootstrap import BootstrapSpec, bootstrap
 
@@ -30,13 +35,23 @@ def tiny_policy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """The session's Ray cluster: two nodes on this machine (tests/ray_nodes.py), joined by address."""
     import ray
 
     from rl.cluster.ray_session import connect
 
-    connect()
-    yield ray
-    ray.shutdown()
+    marker = uuid.uuid4().hex
+    with two_node_cluster(marker) as address:
+        connect(address)
+        try:
+            deadline = time.monotonic() + 120
+            while sum(node["Alive"] for node in ray.nodes()) < 2:
+                assert time.monotonic() < deadline, "the second Ray node did not join"
+                time.sleep(0.5)
+            yield ray
+        finally:
+            ray.shutdown()
+    assert_all_exit(lambda: processes_with_marker(f"K2RL_TEST_RUN={marker}"), 120, "the session's Ray cluster")
 
 
 # The actors of the shared `tiny_workers`: a run given them may change anything but these (and

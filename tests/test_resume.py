@@ -13,22 +13,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import TINY_WORKERS
 from processes import assert_all_exit, processes_with_marker, wait_for_step
 from safetensors.torch import load_file
 
 from rl.cli import main
-from rl.config import load_config
+from rl.config import config_from_dict, load_config
 from rl.loop import Controller
 from rl.run_checkpoint import CheckpointError, LoopState, RunCheckpoints
 
+# With the settings of the session's tiny workers, which the resumed run uses.
 OVERRIDES = [
+    *TINY_WORKERS,
     "steps=4",
     "seed=3",
     "data.prompts_per_step=4",
     "rollout.n_samples=4",
     "data.eval_size=8",
     "data.eval_every=2",
-    "trainer.micro_batch_size=4",
     "checkpoint.every=2",
 ]
 
@@ -49,7 +51,7 @@ def _kill_after_step(run: subprocess.Popen, run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.integration
-def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, ray_cluster, tmp_path, capsys):
+def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, tiny_workers, tmp_path):
     overrides = [*OVERRIDES, f"model.path={tiny_policy}"]
     killed = tmp_path / "killed"
     marker = uuid.uuid4().hex
@@ -57,16 +59,20 @@ def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, ray_cluster, tmp
     run = subprocess.Popen([sys.executable, "-m", "rl.cli", "train", *overrides, f"--run-dir={killed}"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # Killed once step 3 is done: the checkpoint of step 2 is the latest, step 3 is lost. The
-    # uninterrupted run goes on meanwhile, in this process: the two share the machine's cores.
+    # uninterrupted run goes on meanwhile, in this process, on the session's workers (which other
+    # tests have trained: a run given workers starts their trainer from the model again).
     with ThreadPoolExecutor(1) as pool:
         kill = pool.submit(_kill_after_step, run, killed, 3)
-        Controller(load_config(None, overrides), tmp_path / "whole").run(str(tiny_policy))
+        Controller(load_config(None, overrides), tmp_path / "whole").run(str(tiny_policy), workers=tiny_workers)
         kill.result()
     assert [p.name for p in RunCheckpoints(killed, keep=2).completed()] == ["step-000002"]
 
-    # Resumed in this process, on the session's Ray cluster.
-    capsys.readouterr()
-    assert main(["train", f"--resume={killed}"]) == 0, capsys.readouterr().err[-3000:]
+    # Resumed in this process, on the same workers: the trainer's whole state comes from the
+    # checkpoint, and the engine gets it by weight sync.
+    config = config_from_dict(json.loads((killed / "config.json").read_text()))
+    resumed = Controller(config, killed)
+    resumed.prepare(str(tiny_policy), resume=True)
+    resumed.run(str(tiny_policy), workers=tiny_workers)
     assert "resumed from" in (killed / "train.log").read_text()
     # Ray's head processes die with the killed driver; its per-node agents and the engines' vLLM
     # processes notice within about a minute (the resumed run has taken most of it).

@@ -1,5 +1,6 @@
-"""configs/cpu_tp2_2engines.yaml for real: a tensor-parallel trainer, two vLLM engines fed by weight
-sync in buckets smaller than the largest tensor, and engines killed mid-run."""
+"""configs/cpu_tp2_2engines.yaml for real, on the session's cluster of two nodes: a tensor-parallel
+trainer with a rank on each node, a vLLM engine on each node fed by that node's weight-sync writer in
+buckets smaller than the largest tensor, and engines killed mid-run."""
 
 import json
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
     assert (config.trainer.tensor_parallel_size, config.rollout.num_engines) == (2, 2)
     renderer = Renderer.from_pretrained(str(tiny_policy))
     sequence = renderer.prompt(_task(3).messages) + [20, 21, 22, 23]
-    checks, restarts = [], []
+    checks, restarts, nodes = [], [], {}
 
     def engine_gaps(workers):
         trainer = torch.tensor(workers.trainers.logprobs(sequence))
@@ -53,6 +54,8 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
                 for i in range(len(workers.engines))]
 
     def after_step(step, workers):
+        # One trainer rank and one engine on each node (which node gets rank 0 is Ray's choice).
+        nodes.update(trainers=workers.trainers.node_ids(), engines=workers.engines.node_ids())
         checks.extend((step, workers.weight_sync.version, gap) for gap in engine_gaps(workers))
         if step == 1:
             # Engine 1 dies as an update begins: its node's writer stops waiting for it (a writer
@@ -77,6 +80,7 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
     summary = Controller(config, tmp_path / "run").run(str(tiny_policy), on_step=after_step)
 
     assert summary.weight_version == 2
+    assert len(set(nodes["trainers"])) == 2 and nodes["engines"] == nodes["trainers"], nodes
     assert restarts == [[0, 1]]
     assert [(step, version) for step, version, _ in checks] == [(1, 1), (1, 1), (2, 2), (2, 2)]
     assert all(diff < 1e-3 for _, _, diff in checks), checks

@@ -103,6 +103,10 @@ class TrainerGroup:
     def save_model(self, out_dir: str) -> None:
         ray.get([rank.save_model.remote(out_dir) for rank in self.ranks])
 
+    def reset(self, seed: int) -> None:
+        """Every rank back to the model's weights, a fresh optimizer and `seed` (a new run on ranks that an earlier one trained)."""
+        ray.get([rank.reset.remote(seed) for rank in self.ranks])
+
     def save_state(self, directory: str) -> None:
         ray.get([rank.save_state.remote(directory) for rank in self.ranks])
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import ray
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rl.config import TrainerConfig
@@ -394,6 +395,18 @@ class TrainerWorker:
             config.dtype = self.compute_dtype
             config.save_pretrained(out_dir)
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
+
+    def reset(self, seed: int) -> None:
+        """A collective: the model's weights as read at start (rank 0 reads them again), a fresh
+        optimizer and the RNG seeded as at start, so that a new run on these ranks begins where one
+        on fresh ranks would."""
+        self._on_device(with_optimizer=True)
+        weights = _load_or_skeleton(self.model_path, read_weights=True).state_dict() if self.rank == 0 else {}
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self.optimizer = MuonWithAdamW(self.model, self.config)
+        self.optimizer.zero_grad()
+        self.seed = seed
+        torch.manual_seed(seed)
 
     def save_state(self, directory: str) -> None:
         """A collective: parameters, optimizer state and RNG into a run checkpoint's trainer folder."""

@@ -111,6 +111,7 @@ def _memcpy(state: dict[str, torch.Tensor]):
 
 def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: int = 3) -> WeightSyncBench:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from rl.bootstrap import BootstrapSpec, train_tokenizer
     from rl.cluster.ray_session import ray_session
@@ -129,7 +130,9 @@ def run_weight_sync_bench(params: int, engines: int, bucket_mb: float, repeats: 
                 config.save_pretrained(model_dir)
                 train_tokenizer(BootstrapSpec()).save_pretrained(model_dir)
                 spec = EngineSpec(model_dir, "float32", 256, 1, 0, True, load_format="dummy")
-                engine_actor = ray.remote(num_cpus=0)(RolloutEngine)
+                # On the driver's node: the bench measures transfers through one node's shared memory.
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                engine_actor = ray.remote(num_cpus=0, scheduling_strategy=here)(RolloutEngine)
                 actors = [engine_actor.remote(spec) for _ in range(engines)]
                 ray.get([actor.ready.remote() for actor in actors])
                 packed = ray.get(actors[0].packed_modules.remote())
