@@ -5,7 +5,6 @@ import torch
 from trainer_helpers import free_port, full_parameters_and_grads, samples, start_worker
 
 from rl.config import TrainerConfig
-from rl.trainer.worker import TrainerWorker
 
 
 def _train_once(policy, micro_batch_size: int, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
