@@ -3,9 +3,17 @@ outlives it."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def wait_for_step(run: subprocess.Popen, run_dir: Path, step: int, timeout_s: float = 600) -> None:

@@ -10,7 +10,6 @@ loopback addresses it keeps, so every packet stays on loopback."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from processes import free_port
+
 HEAD_ADDRESS, SECOND_ADDRESS = "127.0.0.3", "127.0.0.4"
 # A throwaway cluster on loopback: no token authentication (Ray enables it for `ray start` by default).
 _ENV = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 _RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _start_node(args: list[str], env: dict) -> subprocess.Popen:
@@ -47,10 +42,13 @@ def _stop_node(node: subprocess.Popen) -> None:
 
 @contextmanager
 def two_node_cluster(marker: str) -> Iterator[str]:
-    """Start both nodes (their processes carry `K2RL_TEST_RUN=marker`), yield the head's address, stop them."""
+    """Start both nodes (their processes carry `K2RL_TEST_RUN=marker`), yield the head's address, stop
+    them. Meanwhile this process (the driver that joins) and what it starts run without token
+    authentication too."""
+    saved = dict(os.environ)
     os.environ.update({key: value for key, value in _ENV.items() if key != "RAY_ADDRESS"})
     env = {**os.environ, **_ENV, "K2RL_TEST_RUN": marker}
-    port = _free_port(HEAD_ADDRESS)
+    port = free_port(HEAD_ADDRESS)
     address = f"{HEAD_ADDRESS}:{port}"
     nodes = [_start_node(["--head", f"--port={port}", f"--node-ip-address={HEAD_ADDRESS}", "--include-dashboard=false",
                           f"--temp-dir=/tmp/k2rl-ray-{marker[:8]}"], env)]
@@ -64,3 +62,5 @@ def two_node_cluster(marker: str) -> Iterator[str]:
     finally:
         for node in reversed(nodes):
             _stop_node(node)
+        os.environ.clear()
+        os.environ.update(saved)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from model_families import FAMILIES, build_family
 from safetensors.torch import load_file
-from trainer_helpers import free_port, full_parameters_and_grads, run_two_ranks, samples, start_worker
+from processes import free_port
+from trainer_helpers import full_parameters_and_grads, run_two_ranks, samples, start_worker
 from transformers import AutoModelForCausalLM
 
 from rl.cluster.trainer_group import merge_rank_metrics

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from trainer_helpers import free_port, full_parameters_and_grads, run_two_ranks, samples, start_worker
+from processes import free_port
+from trainer_helpers import full_parameters_and_grads, run_two_ranks, samples, start_worker
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rl.cluster.trainer_group import merge_rank_metrics

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 from conftest import TINY_WORKERS
-from trainer_helpers import free_port, samples, start_worker
+from processes import free_port
+from trainer_helpers import samples, start_worker
 
 from rl.config import ConfigError, TrainerConfig, load_config
 from rl.data.ptx import PTXData, ptx_example

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import free_port, full_parameters_and_grads, samples, start_worker
+from processes import free_port
+from trainer_helpers import full_parameters_and_grads, samples, start_worker
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 

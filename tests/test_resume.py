@@ -18,11 +18,11 @@ from processes import assert_all_exit, processes_with_marker, wait_for_step
 from safetensors.torch import load_file
 
 from rl.cli import main
-from rl.config import config_from_dict, load_config
+from rl.config import load_config
 from rl.loop import Controller
 from rl.run_checkpoint import CheckpointError, LoopState, RunCheckpoints
 
-# With the settings of the session's tiny workers, which the resumed run uses.
+# With the settings of the session's tiny workers, which the uninterrupted run uses.
 OVERRIDES = [
     *TINY_WORKERS,
     "steps=4",
@@ -51,7 +51,7 @@ def _kill_after_step(run: subprocess.Popen, run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.integration
-def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, tiny_workers, tmp_path):
+def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, tiny_workers, tmp_path, capsys):
     overrides = [*OVERRIDES, f"model.path={tiny_policy}"]
     killed = tmp_path / "killed"
     marker = uuid.uuid4().hex
@@ -67,12 +67,10 @@ def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, tiny_workers, tm
         kill.result()
     assert [p.name for p in RunCheckpoints(killed, keep=2).completed()] == ["step-000002"]
 
-    # Resumed in this process, on the same workers: the trainer's whole state comes from the
-    # checkpoint, and the engine gets it by weight sync.
-    config = config_from_dict(json.loads((killed / "config.json").read_text()))
-    resumed = Controller(config, killed)
-    resumed.prepare(str(tiny_policy), resume=True)
-    resumed.run(str(tiny_policy), workers=tiny_workers)
+    # Resumed as a user resumes, with `k2rl train --resume`: in this process, on the session's Ray
+    # cluster, with workers of its own.
+    capsys.readouterr()
+    assert main(["train", f"--resume={killed}"]) == 0, capsys.readouterr().err[-3000:]
     assert "resumed from" in (killed / "train.log").read_text()
     # Ray's head processes die with the killed driver; its per-node agents and the engines' vLLM
     # processes notice within about a minute (the resumed run has taken most of it).

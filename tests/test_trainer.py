@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from trainer_helpers import free_port, full_parameters_and_grads, samples, start_worker
+from processes import free_port
+from trainer_helpers import full_parameters_and_grads, samples, start_worker
 
 from rl.config import TrainerConfig
 

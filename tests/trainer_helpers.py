@@ -4,11 +4,11 @@ and 2-rank gloo runs."""
 from __future__ import annotations
 
 import random
-import socket
 from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
+from processes import free_port
 from torch import nn
 
 from rl.config import TrainerConfig
@@ -37,12 +37,6 @@ def start_worker(rank: int, world_size: int, port: int, policy, config: TrainerC
     worker = TrainerWorker(rank, world_size, str(policy), dtype, config, seed=0)
     worker.join("127.0.0.1", port, "lo", strategy)
     return worker
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
