@@ -215,7 +215,8 @@ class PTXConfig:
     # K2's PTX loss: a next-token loss on a curated JSONL dataset (rl/data/ptx.py), against
     # forgetting. Empty path: off.
     path: str = ""
-    # Weight of the PTX loss beside the policy loss.
+    # Weight of the PTX loss beside the policy loss; 0 mixes nothing in but still measures
+    # `ptx_eval_loss` (the baseline a run with PTX is compared against).
     coef: float = 0.1
     # PTX sequences per step, as a share of the step's RL samples.
     share: float = 0.25
@@ -395,9 +396,9 @@ class RunConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         ptx = self.trainer.ptx
-        if ptx.path and (ptx.coef <= 0 or not 0 < ptx.share <= 1 or ptx.eval_size < 0):
+        if ptx.path and (ptx.coef < 0 or not 0 < ptx.share <= 1 or ptx.eval_size < 0):
             raise ConfigError(
-                f"trainer.ptx needs coef > 0, share in (0, 1] and eval_size >= 0, got coef={ptx.coef:g}, "
+                f"trainer.ptx needs coef >= 0, share in (0, 1] and eval_size >= 0, got coef={ptx.coef:g}, "
                 f"share={ptx.share:g}, eval_size={ptx.eval_size}"
             )
         if ptx.path and not Path(ptx.path).is_file():

@@ -202,7 +202,8 @@ class Controller:
 
         train_metrics = {}
         if samples:
-            ptx = self.ptx.sample(max(1, round(config.trainer.ptx.share * len(samples)))) if self.ptx else []
+            mixes_ptx = self.ptx and config.trainer.ptx.coef > 0
+            ptx = self.ptx.sample(max(1, round(config.trainer.ptx.share * len(samples)))) if mixes_ptx else []
             train_metrics = workers.trainers.train(samples, self.version, ptx, config.trainer.ptx.coef)
         train_done = time.perf_counter()
         if samples:

@@ -65,11 +65,15 @@ def test_the_ptx_loss_adds_a_next_token_gradient(tiny_policy):
 
 
 @pytest.mark.integration
-def test_a_run_with_ptx_logs_its_losses(tiny_policy, tiny_workers, tmp_path):
+def test_a_run_with_ptx_logs_its_losses_and_coef_0_only_measures(tiny_policy, tiny_workers, tmp_path):
     path = tmp_path / "ptx.jsonl"
     path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(6)))
-    config = load_config(None, [f"model.path={tiny_policy}", *TINY_WORKERS, f"trainer.ptx.path={path}", "trainer.ptx.eval_size=2",
-                                "steps=1", "data.prompts_per_step=2", "rollout.n_samples=2", "data.eval_size=2"])
-    Controller(config, tmp_path / "run").run(str(tiny_policy), workers=tiny_workers)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["ptx_eval_loss"] > 0 and rows[1]["ptx_loss"] > 0 and rows[1]["ptx_eval_loss"] > 0
+    overrides = [f"model.path={tiny_policy}", *TINY_WORKERS, f"trainer.ptx.path={path}", "trainer.ptx.eval_size=2",
+                 "steps=1", "data.prompts_per_step=2", "rollout.n_samples=2", "data.eval_size=2"]
+    for coef in (0.1, 0.0):
+        run_dir = tmp_path / f"coef-{coef}"
+        Controller(load_config(None, [*overrides, f"trainer.ptx.coef={coef}"]), run_dir).run(str(tiny_policy), workers=tiny_workers)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["ptx_eval_loss"] > 0 and rows[1]["ptx_eval_loss"] > 0
+        # coef 0 only measures: nothing is mixed into the training batch.
+        assert ("ptx_loss" in rows[1]) == (coef > 0)
