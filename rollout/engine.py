@@ -28,6 +28,9 @@ from rl.weight_sync.transport import BucketReader, WeightSyncError, WeightUpdate
 WORKER_EXTENSION = "rl.weight_sync.engine_loader.WeightSyncLoader"
 # Tokens one engine step may prefill (the engines' scheduler budget).
 _PREFILL_TOKENS = 8192
+# How long the engine core may take to exit before it is killed. It holds nothing worth saving, and
+# at exit its interpreter spends seconds collecting garbage: vLLM's default wait (5 s) is then all spent.
+_CORE_EXIT_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ class RolloutEngine:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        self._llm.shutdown()
+        self._llm.shutdown(timeout=_CORE_EXIT_GRACE_S)
 
     def _params(self, request: GenerationRequest):
         from vllm import SamplingParams
