@@ -16,7 +16,6 @@ then `steps` timed ones; the figures are medians over the timed steps:
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -30,6 +29,7 @@ import torch
 from rewards import RewardScorer
 from rl.config import ConfigError, RunConfig, load_config
 from rl.data import PromptSampler, arithmetic_eval_tasks
+from rl.metrics import read_metrics
 from rl.records import TrainSample
 from rl.trainer.logprobs import token_logprobs
 from rl.trainer.losses import LossSettings, TokenBatch, get_loss
@@ -160,7 +160,7 @@ def run_k2rl(config: RunConfig, model_path: str, warmup: int) -> Side:
 
     with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as run_dir:
         Controller(config, Path(run_dir)).run(model_path)
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
+        rows = read_metrics(Path(run_dir))[1 + warmup :]
     phases = {
         "rollout": "time_rollout_s", "reward": "time_reward_s", "train": "time_train_s", "weight sync": "time_weight_sync_s",
     }
