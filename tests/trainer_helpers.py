@@ -55,5 +55,13 @@ def full_parameters_and_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_two_ranks(fn: Callable, *args) -> None:
-    """fn(rank, world_size, port, *args) in two fresh processes; a failure on either rank fails the caller."""
-    mp.spawn(fn, args=(2, free_port(), *args), nprocs=2, join=True)
+    """fn(rank, world_size, port, *args) in two processes forked from this one; a failure on either rank
+    fails the caller. Forked, not spawned: a spawned rank would spend seconds importing torch again."""
+    mp.start_processes(_one_thread_rank, args=(fn, 2, free_port(), *args), nprocs=2, join=True, start_method="fork")
+
+
+def _one_thread_rank(rank: int, fn: Callable, *args) -> None:
+    # One thread per rank (two ranks, two cores). It also keeps the child out of the OpenMP thread
+    # pool it inherited from the parent, whose threads do not exist after a fork: using them hangs.
+    torch.set_num_threads(1)
+    fn(rank, *args)
