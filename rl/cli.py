@@ -81,8 +81,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def _train_config(ns: argparse.Namespace):
     """The run's config and folder: a new run from a config file and overrides, or (--resume) the
     saved config of RUN_DIR with the overrides that a resume may change."""
-    from rl.config import config_from_dict, resumable
-
     config_path, overrides = _split_config_args(ns.config_and_overrides)
     if ns.resume is None:
         config = load_config(config_path, overrides)
@@ -90,6 +88,15 @@ def _train_config(ns: argparse.Namespace):
     run_dir = Path(ns.resume)
     if config_path is not None:
         raise ConfigError(f"--resume continues with {run_dir}/config.json; give overrides only, not the config file {config_path}")
+    return resume_config(run_dir, overrides), run_dir
+
+
+def resume_config(run_dir: Path, overrides: list[str]):
+    """`k2rl train --resume RUN_DIR`'s config: the run's saved config with `overrides`, which may
+    change only what a resume can change; RUN_DIR must hold a checkpoint."""
+    from rl.config import config_from_dict, resumable
+    from rl.run_checkpoint import RunCheckpoints
+
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there (not a k2rl run directory)")
@@ -99,11 +106,9 @@ def _train_config(ns: argparse.Namespace):
     if refused:
         raise ConfigError(f"--resume cannot change {refused[0]}: it changes what the run learns (resumable keys: steps, "
                           "the trainer's parallel layout, checkpoint, evaluation and cluster settings)")
-    from rl.run_checkpoint import RunCheckpoints
-
     if not RunCheckpoints(run_dir, config.checkpoint.keep).completed():
         raise ConfigError(f"--resume {run_dir}: it holds no checkpoint")
-    return config, run_dir
+    return config
 
 
 def resolve_model_path(config) -> str:

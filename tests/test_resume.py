@@ -17,7 +17,7 @@ from conftest import TINY_WORKERS
 from processes import assert_all_exit, processes_with_marker, wait_for_step
 from safetensors.torch import load_file
 
-from rl.cli import main
+from rl.cli import main, resume_config
 from rl.config import load_config
 from rl.loop import Controller
 from rl.run_checkpoint import CheckpointError, LoopState, RunCheckpoints
@@ -51,7 +51,7 @@ def _kill_after_step(run: subprocess.Popen, run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.integration
-def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, tiny_workers, tmp_path, capsys):
+def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, tiny_workers, tmp_path):
     overrides = [*OVERRIDES, f"model.path={tiny_policy}"]
     killed = tmp_path / "killed"
     marker = uuid.uuid4().hex
@@ -67,13 +67,14 @@ def test_a_run_killed_after_a_step_resumes_exactly(tiny_policy, tiny_workers, tm
         kill.result()
     assert [p.name for p in RunCheckpoints(killed, keep=2).completed()] == ["step-000002"]
 
-    # Resumed as a user resumes, with `k2rl train --resume`: in this process, on the session's Ray
-    # cluster, with workers of its own.
-    capsys.readouterr()
-    assert main(["train", f"--resume={killed}"]) == 0, capsys.readouterr().err[-3000:]
+    # Resumed as `k2rl train --resume` resumes (its config, then the checkpoint checked against the
+    # model), on the session's workers: starting workers of its own would add half a minute.
+    controller = Controller(resume_config(killed, []), killed)
+    controller.prepare(str(tiny_policy), resume=True)
+    controller.run(str(tiny_policy), workers=tiny_workers)
     assert "resumed from" in (killed / "train.log").read_text()
     # Ray's head processes die with the killed driver; its per-node agents and the engines' vLLM
-    # processes notice within about a minute (the resumed run has taken most of it).
+    # processes notice within about a minute (the resumed run has taken part of it).
     assert_all_exit(lambda: processes_with_marker(f"K2RL_TEST_RUN={marker}"), 120, "the killed run")
 
     assert _rows(killed) == _rows(tmp_path / "whole")
