@@ -152,13 +152,14 @@ def partial_tasks(path: Path, count: int, long_share: float) -> Path:
     return path
 
 
-def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: int, budget: int) -> RunConfig:
+def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: int, budget: int,
+                   micro_batch_size: int = 8) -> RunConfig:
     return load_config(None, [
         f"model.path={model_path}", f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.eval_size=1",
         f"data.eval_every={steps}", f"steps={steps}", "data.prompts_per_step=8", "rollout.n_samples=4",
         f"rollout.token_budgets.short={short}", f"rollout.token_budgets.long={long}", "rollout.ignore_eos=true",
         f"rollout.max_model_len={long + 96}", f"rollout.partial.max_tokens_per_step={budget}",
-        "rollout.partial.max_staleness=8", "checkpoint.every=0", "trainer.micro_batch_size=8",
+        "rollout.partial.max_staleness=8", "checkpoint.every=0", f"trainer.micro_batch_size={micro_batch_size}",
     ])
 
 
@@ -179,7 +180,8 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
     with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
         for side_budget in (0, budget):
             run_dir = Path(scratch) / f"run-{side_budget}"
-            config = partial_config(model_path, tasks, short, long, warmup + steps, side_budget)
+            config = partial_config(model_path, tasks, short, long, warmup + steps, side_budget,
+                                    workers.config.trainer.micro_batch_size)
             Controller(config, run_dir).run(model_path, workers=workers)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
             step = statistics.mean(row["time_step_s"] for row in rows)
@@ -192,19 +194,24 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
     return PartialResult(short, long, long_share, budget, sides[0], sides[1])
 
 
-def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int, steps: int, warmup: int) -> RolloutBench:
+def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int, steps: int, warmup: int,
+                      workers=None) -> RolloutBench:
+    """Both measurements on one set of workers: started here (on a Ray cluster of its own), or
+    `workers` already running for `model_path` (then with their trainer's micro-batch size)."""
     from rl.cluster.ray_session import ray_session
-
     from rl.cluster.workers import Workers
 
     short, long, long_share = 16, 160, 0.125
     with ray_session(), tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
         tasks = partial_tasks(Path(scratch) / "tasks.jsonl", 256, long_share)
-        # One set of workers for both measurements: each run of a partial-rollout side starts their trainer from the model again.
-        workers = Workers.start(partial_config(model_path, tasks, short, long, 1, 0), model_path)
+        # Each run of a partial-rollout side starts the workers' trainer from the model again.
+        own_workers = workers is None
+        if own_workers:
+            workers = Workers.start(partial_config(model_path, tasks, short, long, 1, 0), model_path)
         try:
             overhead = measure_overhead(workers, model_path, requests, length, repeats)
             partial = measure_partial(workers, model_path, tasks, short, long, long_share, steps, warmup)
         finally:
-            workers.shutdown()
+            if own_workers:
+                workers.shutdown()
     return RolloutBench(overhead, partial)

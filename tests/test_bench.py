@@ -25,9 +25,14 @@ def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ra
     assert size["baseline"]["step_s"] > 0 and size["k2rl"]["tokens_per_s"] > 0
 
 
-def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, ray_cluster, capsys):
-    report = _bench(capsys, "rollout", f"--model={tiny_policy}", "--requests=4", "--length=4", "--repeats=1", "--steps=1", "--warmup=0")
+def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, tiny_workers):
+    from rollout.bench import run_rollout_bench
+
+    # On the session's workers (the command starts its own, as `bench step` above does).
+    bench = run_rollout_bench(str(tiny_policy), requests=4, length=4, repeats=1, steps=1, warmup=0, workers=tiny_workers)
+    report = json.loads(json.dumps(bench.to_dict()))
     assert report["overhead"]["ratio"] > 0 and report["partial"]["speedup"] > 0
+    assert "partial" in bench.describe()
 
 
 def test_a_bench_size_that_does_not_fit_is_one_line():
