@@ -3,9 +3,9 @@
 `token_logprobs` works on whole logits: the reference, for a model run outside the trainer. The
 trainer never holds those: a micro-batch's [tokens, vocabulary] float32 logits reach gigabytes with
 a 150k vocabulary. `PolicyLogprobs` runs the transformer body, then applies the output head to
-`chunk_size` positions at a time and keeps only each position's logprob. Every chunk is
-checkpointed (torch.utils.checkpoint): the backward pass recomputes its logits one chunk at a time,
-so the largest tensor of a forward and backward is [chunk_size, vocabulary].
+`chunk_size` positions at a time and keeps only each position's logprob. Every chunk but the last
+is checkpointed (torch.utils.checkpoint): the backward pass recomputes its logits one chunk at a
+time, so the largest tensor of a forward and backward is [chunk_size, vocabulary].
 
 With tensor parallelism the head is split by vocabulary rows (rl/trainer/parallel.py), and the
 log-softmax is vocabulary-parallel as in Megatron-LM: each rank computes the logits of its rows, the
@@ -64,12 +64,15 @@ def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, targets: Tensor,
         # hidden states (each rank's rows contribute their part), once for the whole tensor.
         hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
     temperatures = temperatures.reshape(-1).clamp(min=_MIN_TEMPERATURE)
+    pieces = list(zip(hidden.split(chunk_size), targets.reshape(-1).split(chunk_size), temperatures.split(chunk_size)))
     chunks = [
         checkpoint(_chunk_logprobs, hidden_chunk, head_weight, target_chunk, temperature_chunk, group, first_row, use_reentrant=False)
-        for hidden_chunk, target_chunk, temperature_chunk in zip(
-            hidden.split(chunk_size), targets.reshape(-1).split(chunk_size), temperatures.split(chunk_size)
-        )
+        for hidden_chunk, target_chunk, temperature_chunk in pieces[:-1]
     ]
+    # The last chunk keeps its activations: the backward pass starts with it, right after the
+    # forward, so recomputing them would take as much memory, and time besides.
+    hidden_chunk, target_chunk, temperature_chunk = pieces[-1]
+    chunks.append(_chunk_logprobs(hidden_chunk, head_weight, target_chunk, temperature_chunk, group, first_row))
     return torch.cat(chunks).view(batch, positions)
 
 
