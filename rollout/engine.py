@@ -87,6 +87,14 @@ def engine_arguments(spec: EngineSpec) -> dict:
     # With one worker, it runs inside the engine core process ("uni" executor below) instead of
     # a third process of its own; the engine core is a child process of this actor either way.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if spec.enforce_eager:
+        import torch._dynamo
+
+        # Eager means nothing compiled: vLLM would still compile two small sampler functions with
+        # torch.compile at the first request, 4 s of every engine start on CPU. Off in this process
+        # (an engine core run in-process) and in the engine core it spawns.
+        torch._dynamo.config.disable = True
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
     return dict(
         model=spec.model_path,
         dtype=spec.dtype,
