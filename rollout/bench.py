@@ -3,7 +3,9 @@
 Overhead: the same requests (arithmetic prompts, every response forced to the same length,
 the same seeds) through the whole rollout layer (RolloutManager -> EnginePool -> the engine actor's
 AsyncLLM, episodes, rendering, scoring) against vLLM's offline `LLM.generate` in an actor of its
-own with the same engine arguments. Goal: at most 1.10x.
+own with the same engine arguments. Goal: at most 1.10x. Beside it, the same requests in one
+streaming call to the engine actor, which splits the overhead into the engine's (its async engine
+runs the engine core in a process of its own) and the rest of the rollout layer's.
 
 Partial rollout: steady-state steps of the whole loop on a task mix with a long tail (most tasks
 answer in a few tokens, a few at a long budget; every response runs to its task's budget), with
@@ -28,11 +30,18 @@ class OverheadResult:
     requests: int
     tokens_per_request: int
     offline_s: float
+    # The same requests in one streaming call to the engine actor from the driver: the async
+    # engine, its engine-core process and Ray, without the rollout layer's episodes and scoring.
+    engine_call_s: float
     rollout_layer_s: float
 
     @property
     def ratio(self) -> float:
         return self.rollout_layer_s / self.offline_s
+
+    @property
+    def engine_call_ratio(self) -> float:
+        return self.engine_call_s / self.offline_s
 
 
 @dataclass
@@ -65,7 +74,7 @@ class RolloutBench:
 
     def to_dict(self) -> dict:
         return {
-            "overhead": {**asdict(self.overhead), "ratio": self.overhead.ratio},
+            "overhead": {**asdict(self.overhead), "ratio": self.overhead.ratio, "engine_call_ratio": self.overhead.engine_call_ratio},
             "partial": {**asdict(self.partial), "speedup": self.partial.speedup},
         }
 
@@ -74,6 +83,8 @@ class RolloutBench:
         return "\n".join([
             f"rollout layer vs offline LLM.generate: {o.requests} requests x {o.tokens_per_request} tokens: "
             f"{o.rollout_layer_s:.2f} s vs {o.offline_s:.2f} s = {o.ratio:.2f}x (goal <= 1.10x)",
+            f"  of which the engine call alone (async engine + Ray, no episodes or scoring): {o.engine_call_s:.2f} s = "
+            f"{o.engine_call_ratio:.2f}x",
             f"partial rollout: {1 - p.long_share:.0%} of tasks answer in {p.short_tokens} tokens, {p.long_share:.0%} in "
             f"{p.long_tokens}; budget {p.budget} tokens per step",
             f"  without: {p.without.step_s:.2f} s/step, {p.without.samples_per_step:.1f} samples/step, "
@@ -111,7 +122,7 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
 
     from rewards import RewardScorer
     from rl.data import PromptSampler, arithmetic_eval_tasks
-    from rollout.engine import EngineSpec
+    from rollout.engine import EngineSpec, GenerationRequest
     from rollout.episode import request_seed
     from rollout.manager import RolloutManager
     from rollout.rendering import Renderer
@@ -128,6 +139,16 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
     config = load_config(None, [f"model.path={model_path}", "rollout.n_samples=1", f"rollout.token_budgets.arithmetic={length}",
                                 "rollout.ignore_eos=true"])
     workers.weight_sync.push(0)
+    engine = workers.engines.engines[0]
+
+    def engine_call(round_: int) -> float:
+        requests = [GenerationRequest(f"bench-{round_}-{index}", tuple(prompt), length, 1.0, seed=seed, ignore_eos=True)
+                    for index, (prompt, seed) in enumerate(zip(prompts, seeds))]
+        started = time.perf_counter()
+        ray.get(list(engine.generate.remote(requests)))
+        return time.perf_counter() - started
+
+    engine_call_s = min(engine_call(round_) for round_ in range(repeats + 1))
     manager = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
     timings = []
     for round_ in range(repeats + 1):
@@ -135,7 +156,7 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
         manager.collect(tasks, step=1 + round_, temperature=1.0, policy_version=0)
         timings.append(time.perf_counter() - started)
     manager.close()
-    return OverheadResult(requests, length, offline_s, min(timings[1:]))
+    return OverheadResult(requests, length, offline_s, engine_call_s, min(timings[1:]))
 
 
 def partial_tasks(path: Path, count: int, long_share: float) -> Path:

@@ -31,7 +31,7 @@ def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, tiny_
     # On the session's workers (the command starts its own, as `bench step` above does).
     bench = run_rollout_bench(str(tiny_policy), requests=4, length=4, repeats=1, steps=1, warmup=0, workers=tiny_workers)
     report = json.loads(json.dumps(bench.to_dict()))
-    assert report["overhead"]["ratio"] > 0 and report["partial"]["speedup"] > 0
+    assert report["overhead"]["ratio"] > 0 and report["overhead"]["engine_call_ratio"] > 0 and report["partial"]["speedup"] > 0
     assert "partial" in bench.describe()
 
 
