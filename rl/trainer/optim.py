@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -29,7 +31,7 @@ def orthogonalize(matrix: Tensor) -> Tensor:
     a, b, c = _NS_COEFFICIENTS
     # Iterate on the wide orientation: the Gram matrix is then the smaller one.
     tall = matrix.size(0) > matrix.size(1)
-    x = matrix.to(torch.float32 if matrix.device.type == "cpu" else torch.bfloat16)
+    x = matrix.to(_newton_schulz_dtype(matrix))
     if tall:
         x = x.T
     # Frobenius norm >= spectral norm: after this every singular value is at most 1.
@@ -41,12 +43,17 @@ def orthogonalize(matrix: Tensor) -> Tensor:
     return x.T if tall else x
 
 
+def _newton_schulz_dtype(matrix: Tensor) -> torch.dtype:
+    return torch.float32 if matrix.device.type == "cpu" else torch.bfloat16
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov-momentum Muon whose matrices may be sharded DTensors (FSDP2, tensor parallel).
 
     Momentum is elementwise, so it stays on each rank's shard. Orthogonalisation needs the
-    whole matrix: every rank gathers the update, runs the same Newton-Schulz on it, and
-    applies only its own shard of the result, so sharding does not change the update.
+    whole matrix: every rank gathers the update, the ranks share the Newton-Schulz iterations
+    (`orthogonalize_all`), and each applies only its own shard of the result, so sharding does
+    not change the update.
     The step size is matched to AdamW's update RMS (lr * 0.2 * sqrt(max(rows, cols))),
     and weight decay is decoupled: the same update as
     torch.optim.Muon(adjust_lr_fn="match_rms_adamw").
@@ -61,20 +68,43 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(param.grad)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(param.grad, 1 - momentum)
-                nesterov = param.grad.lerp(buffer, momentum)
-                update = _shard_like(param, orthogonalize(whole(nesterov)))
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-lr * 0.2 * math.sqrt(max(param.shape)))
+        updated = [(param, group) for group in self.param_groups for param in group["params"] if param.grad is not None]
+        orthogonal = orthogonalize_all(self._nesterov(param, group["momentum"]) for param, group in updated)
+        for (param, group), whole_update in zip(updated, orthogonal):
+            lr = group["lr"]
+            param.mul_(1 - lr * group["weight_decay"])
+            param.add_(_shard_like(param, whole_update), alpha=-lr * 0.2 * math.sqrt(max(param.shape)))
+
+    def _nesterov(self, param: Tensor, momentum: float) -> Tensor:
+        """The Nesterov update from `param`'s gradient, after moving its momentum buffer."""
+        state = self.state[param]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(param.grad)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(param.grad, 1 - momentum)
+        return param.grad.lerp(buffer, momentum)
+
+
+def orthogonalize_all(updates: Iterable[Tensor]) -> Iterator[Tensor]:
+    """`orthogonalize` of each update's whole matrix, in order. With several trainer ranks they share
+    the work, as distributed Muon does: of each run of `world` matrices, rank r orthogonalises the
+    r-th and broadcasts it, so every rank ends with the same matrices at 1/world of the compute
+    (otherwise each rank would repeat every Newton-Schulz iteration)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        yield from (orthogonalize(whole(update)) for update in updates)
+        return
+    rank, updates = dist.get_rank(), iter(updates)
+    # Gathering a sharded matrix is a collective: every rank gathers every matrix of the run.
+    while matrices := [whole(update) for update in itertools.islice(updates, world)]:
+        results = [
+            orthogonalize(matrix).contiguous() if owner == rank
+            else torch.empty(matrix.shape, dtype=_newton_schulz_dtype(matrix), device=matrix.device)
+            for owner, matrix in enumerate(matrices)
+        ]
+        for request in [dist.broadcast(result, src=owner, async_op=True) for owner, result in enumerate(results)]:
+            request.wait()
+        yield from results
 
 
 def _shard_like(param: Tensor, whole: Tensor) -> Tensor:
