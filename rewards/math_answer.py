@@ -13,6 +13,7 @@ otherwise takes the last expression in the text.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 from math_verify import parse, verify
@@ -29,9 +30,7 @@ def math_reward(task: Task, response: str) -> RewardResult:
     if "answer" not in task.reward_spec:
         raise ValueError(f"task {task.task_id!r}: reward_spec has no 'answer' key")
     timeout = _timeout_seconds()
-    # Wrapping the gold answer in math delimiters lets LaTeX answers
-    # (`\frac{1}{2}`, `x^2+1`) parse, which bare-expression extraction rejects.
-    gold = parse(f"${task.reward_spec['answer']}$", parsing_timeout=timeout)
+    gold = _parse_gold(str(task.reward_spec["answer"]), timeout)
     if not gold:
         raise ValueError(
             f"task {task.task_id!r}: cannot parse reward_spec['answer'] "
@@ -42,9 +41,18 @@ def math_reward(task: Task, response: str) -> RewardResult:
         return RewardResult(0.0, "no_answer")
     if task.reward_spec.get("require_number", False) and _is_number(gold[0]) and not _is_number(predicted[0]):
         return RewardResult(0.0, "unevaluated_answer")
-    if verify(gold, predicted, timeout_seconds=timeout):
+    if verify(list(gold), predicted, timeout_seconds=timeout):
         return RewardResult(1.0, "correct")
     return RewardResult(0.0, "wrong_answer")
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_gold(answer: str, timeout: int | None) -> tuple:
+    """The parsed gold answer. Cached: a group's K responses, and every evaluation, share their
+    task's answer, and parsing it (LaTeX) costs twice a response's parse."""
+    # Wrapping the gold answer in math delimiters lets LaTeX answers
+    # (`\frac{1}{2}`, `x^2+1`) parse, which bare-expression extraction rejects.
+    return tuple(parse(f"${answer}$", parsing_timeout=timeout))
 
 
 def _is_number(parsed: object) -> bool:
