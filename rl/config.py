@@ -115,6 +115,9 @@ class RolloutConfig:
     max_model_len: int = 256
     # CUDA graphs / compilation pay off on GPU; on CPU eager mode starts in seconds.
     enforce_eager: bool = True
+    # On CPU, the torch threads of each engine; 0: its node's cores shared among the engines placed
+    # there (engines and trainer take turns, so an engine may use the cores the trainer leaves idle).
+    cpu_threads: int = 0
     engine_start_timeout_s: float = 300.0
     # An engine that dies mid-run is restarted this many times before the run gives up.
     max_engine_restarts: int = 2
@@ -341,6 +344,8 @@ class RunConfig:
         self._check_critic()
         if self.model.prompt_format not in ("auto", "chat", "plain"):
             raise ConfigError(f"model.prompt_format must be auto, chat or plain, got {self.model.prompt_format!r}")
+        if self.rollout.cpu_threads < 0:
+            raise ConfigError(f"rollout.cpu_threads must be >= 0 (0: the node's cores), got {self.rollout.cpu_threads}")
         if self.rollout.max_engine_restarts < 0:
             raise ConfigError(f"rollout.max_engine_restarts must be >= 0, got {self.rollout.max_engine_restarts}")
         if self.rollout.placement not in ("disaggregated", "colocated"):
@@ -468,6 +473,7 @@ RESUMABLE_KEYS = (
     "trainer.logprob_chunk_size",
     "rollout.num_engines",
     "rollout.kv_cache_gib",
+    "rollout.cpu_threads",
     "rollout.engine_start_timeout_s",
     "rollout.max_engine_restarts",
     "rollout.placement",

@@ -19,7 +19,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rl.config import RunConfig, load_config
@@ -122,7 +122,7 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
 
     from rewards import RewardScorer
     from rl.data import PromptSampler, arithmetic_eval_tasks
-    from rollout.engine import EngineSpec, GenerationRequest
+    from rollout.engine import GenerationRequest
     from rollout.episode import request_seed
     from rollout.manager import RolloutManager
     from rollout.rendering import Renderer
@@ -131,7 +131,9 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
     tasks = PromptSampler(None, 0, arithmetic_eval_tasks(1)).sample(requests)
     prompts = [renderer.prompt(t.messages) for t in tasks]
     seeds = [request_seed(0, f"1-{i}", 0, 0) for i in range(requests)]
-    offline = ray.remote(num_cpus=0)(OfflineEngine).remote(EngineSpec(model_path, "float32", 256, 1, 0, True))
+    # The engine's own arguments and threads, with its weights read from the model directory.
+    offline_spec = replace(workers.engines.engine_spec(0), model_path=model_path, load_format="auto")
+    offline = ray.remote(num_cpus=0)(OfflineEngine).remote(offline_spec)
     try:
         offline_s = min(ray.get(offline.generate.remote(prompts, length, seeds)) for _ in range(repeats + 1))
     finally:

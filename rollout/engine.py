@@ -46,6 +46,8 @@ class EngineSpec:
     tensor_parallel_size: int = 1
     # Colocated on GPU: free the device (vLLM sleep mode) while the trainer works.
     sleep_between_rollouts: bool = False
+    # Torch threads of the engine on CPU; 0: what the process has (Ray gives an actor one).
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,14 @@ def engine_arguments(spec: EngineSpec) -> dict:
     # With one worker, it runs inside the engine core process ("uni" executor below) instead of
     # a third process of its own; the engine core is a child process of this actor either way.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if spec.cpu_threads:
+        import torch
+
+        # The engine core spawned by the async engine reads the variable when it imports torch; an
+        # engine core run in this process (the offline `LLM`) uses this process's setting. vLLM keeps
+        # an OMP_NUM_THREADS it did not set itself.
+        os.environ["OMP_NUM_THREADS"] = str(spec.cpu_threads)
+        torch.set_num_threads(spec.cpu_threads)
     if spec.enforce_eager:
         import torch._dynamo
 

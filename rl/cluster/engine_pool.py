@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from collections.abc import Callable
 
 import ray
@@ -68,9 +69,12 @@ class EnginePool:
     def __len__(self) -> int:
         return len(self.engines)
 
+    def engine_spec(self, index: int) -> EngineSpec:
+        return replace(self.spec, cpu_threads=self.placement.engine_cpu_threads(index, self.config.rollout.cpu_threads))
+
     def _start(self, index: int):
         actor = ray.remote(RolloutEngine).options(**self.placement.engine_options(index))
-        return actor.remote(self.spec)
+        return actor.remote(self.engine_spec(index))
 
     def _wait_ready(self, index: int, engine, failure: str) -> None:
         timeout = self.config.rollout.engine_start_timeout_s

@@ -77,6 +77,18 @@ class Placement:
             bundle, gpus = self.world + index, self.engine_tp
         return {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": self._bundle(bundle)}
 
+    def engine_cpu_threads(self, index: int, configured: int) -> int:
+        """On CPU, the torch threads of engine `index`: `configured`, or else its node's cores shared
+        among the engines placed there. 0 on GPU (vLLM's own choice)."""
+        if self.gpus:
+            return 0
+        if configured:
+            return configured
+        bundle_nodes = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
+        engine_nodes = [bundle_nodes[engine % self.world] for engine in range(self.num_engines)]
+        node_cores = {node["NodeID"]: int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]}
+        return shared_cores(engine_nodes, node_cores, index)
+
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)
 
@@ -84,3 +96,9 @@ class Placement:
         if self.group is not None:
             ray.util.remove_placement_group(self.group)
             self.group = None
+
+
+def shared_cores(engine_nodes: list[str], node_cores: dict[str, int], index: int) -> int:
+    """The cores of engine `index`'s node divided among the engines on that node (at least one)."""
+    node = engine_nodes[index]
+    return max(1, node_cores[node] // engine_nodes.count(node))
