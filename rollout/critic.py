@@ -117,6 +117,10 @@ class ModelCritic(PolicyCritic):
             def engine_options(self, index: int) -> dict:
                 return {"num_cpus": 0, "num_gpus": 1 if ray.cluster_resources().get("GPU", 0) else 0}
 
+            def engine_cpu_threads(self, index: int, configured: int) -> int:
+                # The threads Ray gives an actor: on CPU the critic judges while the run's engines generate.
+                return 0
+
         rollout = dataclasses.replace(run_config.rollout, num_engines=num_engines, max_model_len=max_model_len,
                                       kv_cache_gib=kv_cache_gib, tensor_parallel_size=1)
         try:
