@@ -117,7 +117,7 @@ class ModelCritic(PolicyCritic):
             def engine_options(self, index: int) -> dict:
                 return {"num_cpus": 0, "num_gpus": 1 if ray.cluster_resources().get("GPU", 0) else 0}
 
-            def engine_cpu_threads(self, index: int, configured: int) -> int:
+            def engine_cpu_threads(self, index: int) -> int:
                 # The threads Ray gives an actor: on CPU the critic judges while the run's engines generate.
                 return 0
 

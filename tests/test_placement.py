@@ -12,10 +12,10 @@ def test_an_engine_shares_its_nodes_cores_with_the_engines_there():
 
 
 def test_engine_threads_follow_the_config_or_the_node(ray_cluster, tiny_policy):
-    placement = Placement(load_config(None, [f"model.path={tiny_policy}", "rollout.num_engines=2"]))
-    try:
-        # The session's nodes declare one CPU each, and the two engines land on different nodes.
-        assert [placement.engine_cpu_threads(index, 0) for index in range(2)] == [1, 1]
-        assert placement.engine_cpu_threads(1, 3) == 3
-    finally:
-        placement.release()
+    for overrides, expected in (([], [1, 1]), (["rollout.cpu_threads=3"], [3, 3])):
+        placement = Placement(load_config(None, [f"model.path={tiny_policy}", "rollout.num_engines=2", *overrides]))
+        try:
+            # The session's nodes declare one CPU each, and the two engines land on different nodes.
+            assert [placement.engine_cpu_threads(index) for index in range(2)] == expected
+        finally:
+            placement.release()

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
 import ray
 
@@ -70,7 +70,7 @@ class EnginePool:
         return len(self.engines)
 
     def engine_spec(self, index: int) -> EngineSpec:
-        return replace(self.spec, cpu_threads=self.placement.engine_cpu_threads(index, self.config.rollout.cpu_threads))
+        return replace(self.spec, cpu_threads=self.placement.engine_cpu_threads(index))
 
     def _start(self, index: int):
         actor = ray.remote(RolloutEngine).options(**self.placement.engine_options(index))

@@ -26,6 +26,7 @@ class Placement:
         self.gpus = int(ray.cluster_resources().get("GPU", 0))
         self.colocated = config.rollout.placement == "colocated"
         self.engine_tp = config.rollout.tensor_parallel_size
+        self.engine_threads = config.rollout.cpu_threads
         self._check(config)
         if not self.gpus:
             bundles, strategy = [_CPU_BUNDLE] * self.world, "SPREAD"
@@ -77,13 +78,13 @@ class Placement:
             bundle, gpus = self.world + index, self.engine_tp
         return {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": self._bundle(bundle)}
 
-    def engine_cpu_threads(self, index: int, configured: int) -> int:
-        """On CPU, the torch threads of engine `index`: `configured`, or else its node's cores shared
-        among the engines placed there. 0 on GPU (vLLM's own choice)."""
+    def engine_cpu_threads(self, index: int) -> int:
+        """On CPU, the torch threads of engine `index`: `rollout.cpu_threads`, or else its node's cores
+        shared among the engines placed there. 0 on GPU (vLLM's own choice)."""
         if self.gpus:
             return 0
-        if configured:
-            return configured
+        if self.engine_threads:
+            return self.engine_threads
         bundle_nodes = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
         engine_nodes = [bundle_nodes[engine % self.world] for engine in range(self.num_engines)]
         node_cores = {node["NodeID"]: int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]}
