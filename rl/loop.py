@@ -204,7 +204,9 @@ class Controller:
         if samples:
             mixes_ptx = self.ptx and config.trainer.ptx.coef > 0
             ptx = self.ptx.sample(max(1, round(config.trainer.ptx.share * len(samples)))) if mixes_ptx else []
-            train_metrics = workers.trainers.train(samples, self.version, ptx, config.trainer.ptx.coef)
+            batch, skipped_units = self._without_zero_gradients(samples)
+            train_metrics = workers.trainers.train(batch, self.version, ptx, config.trainer.ptx.coef, skipped_units)
+            train_metrics["zero_gradient_frac"] = 1 - len(batch) / len(samples)
         train_done = time.perf_counter()
         if samples:
             self.version = workers.weight_sync.push(self.version + 1)
@@ -275,6 +277,15 @@ class Controller:
             TrainSample.of(t, advantages[id(t)]) if t.trainable else TrainSample.of(t, 0.0, loss_mask=[0] * len(t.loss_mask))
             for t in trajectories
         ]
+
+    def _without_zero_gradients(self, samples: list[TrainSample]) -> tuple[list[TrainSample], float]:
+        """The batch without the samples that add nothing to the gradient, where leaving them out
+        changes nothing: one optimizer step per batch (the gradient is taken at pi_old), and no
+        QK-Clip (its rescaling reads the attention logits of every sample)."""
+        trainer = self.config.trainer
+        if trainer.optimizer_steps_per_batch > 1 or trainer.qk_clip_threshold > 0:
+            return samples, 0.0
+        return self.loss.without_zero_gradients(samples)
 
     def _ptx_eval(self, workers: Workers) -> dict[str, float]:
         """The loss on the held-out PTX examples: how much of that skill the policy keeps."""

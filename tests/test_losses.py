@@ -228,3 +228,18 @@ def test_denominator_makes_rank_average_the_global_token_mean(tmp_path):
     whole.logprobs = whole.logprobs.detach() + theta
     get_loss("grpo")(LossSettings())(whole, 4.0).loss.backward()
     assert averaged[0] == averaged[1] == pytest.approx(theta.grad.item())
+
+
+def test_zero_advantage_samples_are_left_out_only_where_they_have_no_gradient():
+    from trainer_helpers import samples
+
+    batch = samples(4, 50, advantages=[0.0, 1.0, 0.0, -1.0])
+    kept, units = get_loss("k2")(LossSettings(kl_coef=0.5)).without_zero_gradients(batch)
+    assert kept == [batch[1], batch[3]] and units == 2  # k2 counts samples
+    kept, units = get_loss("grpo")(LossSettings()).without_zero_gradients(batch)
+    assert kept == [batch[1], batch[3]] and units == len(batch[0].loss_mask) + len(batch[2].loss_mask)  # tokens
+    # A KL penalty pulls every token towards the rollout policy, whatever its advantage.
+    assert get_loss("grpo")(LossSettings(kl_coef=0.1)).without_zero_gradients(batch) == (batch, 0.0)
+    # Nothing with a gradient: one sample stays, so that the optimizer still steps.
+    nothing = samples(3, 50, advantages=[0.0])
+    assert get_loss("k2")(LossSettings()).without_zero_gradients(nothing) == ([nothing[0]], 2)

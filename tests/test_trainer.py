@@ -96,3 +96,29 @@ def test_pi_old_from_the_training_forward_equals_a_separate_pass(tiny_policy):
     assert shortcut_loss == pytest.approx(separate_loss, rel=1e-6)
     for name, value in separate.items():
         torch.testing.assert_close(shortcut[name], value, rtol=0, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("loss", ["k2", "grpo"])
+def test_leaving_out_zero_advantage_samples_gives_the_same_update(tiny_policy, loss):
+    """With one optimizer step per batch a sample with advantage 0 has no gradient: the batch
+    without it, its units added to the denominator, takes the same step."""
+    from rl.trainer.losses import LossSettings, get_loss
+
+    def one_step(leave_out: bool) -> dict[str, torch.Tensor]:
+        config = TrainerConfig(data_parallel_size=1, micro_batch_size=4, loss=loss)
+        worker = start_worker(0, 1, free_port(), str(tiny_policy), config)
+        try:
+            batch, skipped_units = samples(8, worker.model.config.vocab_size), 0.0
+            if leave_out:
+                batch, skipped_units = get_loss(loss)(LossSettings()).without_zero_gradients(batch)
+                assert len(batch) == 6 and skipped_units > 0
+            worker.train(batch, policy_version=0, skipped_units=skipped_units)
+            return full_parameters_and_grads(worker.model)
+        finally:
+            worker.shutdown()
+
+    whole, left_out = one_step(False), one_step(True)
+    for name, value in whole.items():
+        tolerance = 1e-6 if name.endswith(".grad") else 1e-4
+        torch.testing.assert_close(left_out[name], value, rtol=0, atol=tolerance, msg=name)
+

@@ -56,6 +56,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rl.records import TrainSample
+
 def group_advantages(rewards: list[float], group_ids: list[Hashable]) -> list[float]:
     """r_i - rbar(x): each reward minus the mean reward of the responses to the same prompt."""
     totals: dict[Hashable, list[float]] = {}
@@ -181,6 +183,27 @@ class PolicyLoss(ABC):
     def __call__(self, batch: TokenBatch, denominator: float) -> LossOutput:
         """The micro-batch's summed terms divided by the mini-batch's `denominator`."""
 
+    def zero_advantage_has_no_gradient(self) -> bool:
+        """Whether a sample with advantage 0 adds nothing to the gradient at pi_old (true of every
+        term here but the KL penalty)."""
+        return self.settings.kl_coef == 0
+
+    def without_zero_gradients(self, samples: list[TrainSample]) -> tuple[list[TrainSample], float]:
+        """The samples that move the policy, and the denominator units of the ones left out.
+
+        Only for one optimizer step per batch, where the gradient is taken at pi_old: a sample with
+        advantage 0 (its group's rewards all equal, or its reward failed) then adds nothing to the
+        gradient, only to the loss's denominator. Training on the rest, with the others' units added
+        to the denominator, gives the same update for less work. One sample stays when none would, so
+        that the optimizer still steps (its momentum moves the weights even on a zero gradient).
+        """
+        if not self.zero_advantage_has_no_gradient():
+            return samples, 0.0
+        kept = [s for s in samples if s.advantage != 0.0] or samples[:1]
+        kept_ids = set(map(id, kept))
+        skipped = [s for s in samples if id(s) not in kept_ids]
+        return kept, sum(self.units(torch.tensor([s.loss_mask])) for s in skipped)
+
 
 def loss_denominator(local_units: float, group: dist.ProcessGroup | None = None) -> float:
     """The divisor that makes the micro-batch losses of all data-parallel ranks one mini-batch mean.
@@ -230,6 +253,9 @@ def loss_names() -> list[str]:
 @register_loss("k2")
 class K2Loss(PolicyLoss):
     normalization = "samples"
+
+    def zero_advantage_has_no_gradient(self) -> bool:
+        return True
 
     def advantages(self, rewards: Sequence[float], group_ids: Sequence[Hashable]) -> list[float]:
         return group_advantages(list(rewards), list(group_ids))

@@ -258,7 +258,7 @@ class TrainerWorker:
         return self.model(batch.input_ids, batch.attention, batch.temperatures)
 
     def train(self, samples: list[TrainSample], policy_version: int, ptx: list[TrainSample] = (),
-              ptx_coef: float = 0.0) -> dict[str, float | tuple[float, float]]:
+              ptx_coef: float = 0.0, skipped_units: float = 0.0) -> dict[str, float | tuple[float, float]]:
         """One batch (this data-parallel group's shard, the same size on every rank) in
         `optimizer_steps_per_batch` mini-batches of micro-batches: `train_step` each. `ptx` (split
         over the mini-batches the same way) adds K2's PTX loss, `ptx_coef` times the mean next-token
@@ -267,6 +267,8 @@ class TrainerWorker:
         pi_old is the policy before this batch. With one optimizer step per batch that is the policy
         of the training forward itself, so its logprobs (detached) serve; with several, a first pass
         computes them. `policy_version` is pi_old's weight version: tokens older than it are stale.
+        `skipped_units` are this rank's share of the denominator units of samples left out of the batch
+        because their gradient is zero (`PolicyLoss.without_zero_gradients`; one optimizer step only).
 
         Metrics come as (total, count) pairs where ranks merge by adding; with QK-Clip on they include
         `max_attention_logit`, the largest logit of any head before its clip.
@@ -276,6 +278,8 @@ class TrainerWorker:
         if config.reset_optimizer_each_step:
             self.optimizer = MuonWithAdamW(self.model, config)
         steps = config.optimizer_steps_per_batch
+        if skipped_units and steps > 1:
+            raise ValueError("samples may be left out of a batch only with one optimizer step per batch")
         mini_batches = self._mini_batches(samples, steps)
         ptx_batches = self._mini_batches(list(ptx), steps)
         old_logprobs = None
@@ -288,7 +292,7 @@ class TrainerWorker:
                  for micro, old in zip(mini, olds)), MetricMean())})
         for step, mini in enumerate(mini_batches):
             old = None if old_logprobs is None else old_logprobs[step]
-            metrics.append(self.train_step(mini, old, policy_version, ptx_batches[step], ptx_coef))
+            metrics.append(self.train_step(mini, old, policy_version, ptx_batches[step], ptx_coef, skipped_units))
         merged: dict[str, float | tuple[float, float]] = {}
         for step_metrics in metrics:
             for name, mean in step_metrics.items():
@@ -309,13 +313,15 @@ class TrainerWorker:
         ]
 
     def train_step(self, mini_batch: list[MicroBatch], old_logprobs: list[torch.Tensor] | None,
-                   policy_version: int, ptx: list[MicroBatch] = (), ptx_coef: float = 0.0) -> dict[str, MetricMean | float]:
+                   policy_version: int, ptx: list[MicroBatch] = (), ptx_coef: float = 0.0,
+                   skipped_units: float = 0.0) -> dict[str, MetricMean | float]:
         """One optimizer step: gradients accumulated over the micro-batches (the policy's, then
-        PTX's), clipped, Muon/AdamW, QK-Clip."""
+        PTX's), clipped, Muon/AdamW, QK-Clip. `skipped_units` count in the loss's denominator
+        beside the micro-batches' own."""
         self.optimizer.zero_grad()
         if self.qk_clip is not None:
             self.qk_clip.reset()
-        units = sum(self.loss.units(micro.loss_mask) for micro in mini_batch)
+        units = sum(self.loss.units(micro.loss_mask) for micro in mini_batch) + skipped_units
         denominator = loss_denominator(units, self.dp_group)
         metrics: dict[str, MetricMean | float] = {}
         loss = 0.0
