@@ -98,7 +98,7 @@ class PartialRolloutConfig:
 class RolloutConfig:
     n_samples: int = 8
     # A number, or a decaying schedule (K2): {schedule: constant|linear|cosine|exponential, start,
-    # end, steps}; see rollout/temperature.py.
+    # end, steps}; see rl/schedule.py.
     temperature: float | dict[str, float | str] = 1.0
     top_p: float = 1.0
     # K2 budget control: the maximum response tokens per task type.
@@ -251,8 +251,10 @@ class TrainerConfig:
     tis_cap: float = 2.0
     # "muon": Muon for the hidden matrices and AdamW for the rest (Moonlight, K2); "adamw": AdamW for all.
     optimizer: str = "muon"
-    # One learning rate for both optimizers: Muon's update is scaled to AdamW's RMS.
-    lr: float = 5e-4
+    # One learning rate for both optimizers (Muon's update is scaled to AdamW's RMS): a number, or a
+    # schedule over the run's steps, {schedule: constant|linear|cosine|exponential, start, end,
+    # steps}; see rl/schedule.py.
+    lr: float | dict[str, float | str] = 5e-4
     weight_decay: float = 0.0
     micro_batch_size: int = 16
     optimizer_steps_per_batch: int = 1
@@ -271,6 +273,12 @@ class TrainerConfig:
         from rl.trainer.losses import LossSettings
 
         return LossSettings(tau=self.tau, clip_low=self.clip_low, clip_high=self.clip_high, kl_coef=self.kl_coef, tis_cap=self.tis_cap)
+
+    def lr_schedule(self):
+        """The learning rate by step (rl/schedule.py); a bad value raises ValueError naming trainer.lr."""
+        from rl.schedule import Schedule
+
+        return Schedule.parse(self.lr, "trainer.lr", zero_allowed=True)
 
 
 @dataclass
@@ -387,11 +395,12 @@ class RunConfig:
         from rl.data.arithmetic import arithmetic_mix
         from rl.data.curriculum import Curriculum, SuccessRates
         from rl.trainer.losses import get_loss
-        from rollout.temperature import TemperatureSchedule
+        from rl.schedule import Schedule
 
         try:
             get_loss(self.trainer.loss)(self.trainer.loss_settings())
-            TemperatureSchedule.parse(self.rollout.temperature)
+            Schedule.parse(self.rollout.temperature, "rollout.temperature")
+            self.trainer.lr_schedule()
             LengthReward(self.reward.length.weight, self.reward.length.warmup_steps)
             if self.data.curriculum.steps:
                 Curriculum(self.data.curriculum.steps, self.data.curriculum.start_fraction)

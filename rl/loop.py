@@ -41,11 +41,11 @@ from rl.run_checkpoint import (
     model_fingerprint,
     restore_driver_rng,
 )
+from rl.schedule import Schedule
 from rl.trainer.losses import get_loss
 from rollout import environments
 from rollout.manager import RolloutManager
 from rollout.rendering import Renderer
-from rollout.temperature import TemperatureSchedule
 
 log = logging.getLogger("k2rl")
 
@@ -85,7 +85,8 @@ class Controller:
         self.critique.check(self._with_env(self.sampler.tasks()) + self.eval_tasks)
         for env_id, kwargs in {(t.env, json.dumps(t.env_kwargs, sort_keys=True)) for t in self._with_env(self.sampler.tasks()) + self.eval_tasks if t.env}:
             environments.check(env_id, json.loads(kwargs))
-        self.temperature = TemperatureSchedule.parse(config.rollout.temperature)
+        self.temperature = Schedule.parse(config.rollout.temperature, "rollout.temperature")
+        self.lr = config.trainer.lr_schedule()
         self.length_reward = LengthReward(config.reward.length.weight, config.reward.length.warmup_steps)
         self.loss = get_loss(config.trainer.loss)(config.trainer.loss_settings())
         self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep)
@@ -186,7 +187,7 @@ class Controller:
     def iteration(self, step: int, workers: Workers, rollout: RolloutManager) -> dict:
         config = self.config
         started = time.perf_counter()
-        temperature = self.temperature.temperature_at(step - 1)
+        temperature = self.temperature.at(step - 1)
         critic_tasks = self.critique.critic_task_count(config.data.prompts_per_step)
         tasks = self.critique.step_tasks(self._with_env(self.sampler.sample(config.data.prompts_per_step - critic_tasks)), critic_tasks)
         step_rollout = rollout.collect(tasks, step, temperature, self.version)
@@ -205,7 +206,7 @@ class Controller:
             mixes_ptx = self.ptx and config.trainer.ptx.coef > 0
             ptx = self.ptx.sample(max(1, round(config.trainer.ptx.share * len(samples)))) if mixes_ptx else []
             batch, skipped_units = self._without_zero_gradients(samples)
-            train_metrics = workers.trainers.train(batch, self.version, ptx, config.trainer.ptx.coef, skipped_units)
+            train_metrics = workers.trainers.train(batch, self.version, self.lr.at(step - 1), ptx, config.trainer.ptx.coef, skipped_units)
             train_metrics["zero_gradient_frac"] = 1 - len(batch) / len(samples)
         train_done = time.perf_counter()
         if samples:
@@ -335,7 +336,7 @@ class Controller:
     def _restore(self, workers: Workers, rollout: RolloutManager, path: Path, state: LoopState) -> int:
         """Load a checkpoint into the trainer, the rollout's partial buffer and the loop; returns its step."""
         workers.trainers.load_state(str(path / "trainer"))
-        rollout.load_state_dict(state.partial_buffer, self.temperature.temperature_at(state.step))
+        rollout.load_state_dict(state.partial_buffer, self.temperature.at(state.step))
         self.sampler.load_state_dict(state.sampler)
         if self.ptx:
             self.ptx.load_state_dict(state.ptx)

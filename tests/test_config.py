@@ -24,7 +24,9 @@ def test_overrides_are_typed():
     [
         (["trainer.lrr=1"], "unknown key trainer.lrr"),
         (["bogus=1"], "unknown key bogus"),
-        (["trainer.lr=fast"], "trainer.lr must be float"),
+        (["trainer.lr=fast"], "trainer.lr: 'fast' matches none of float"),
+        (["trainer.lr=-1e-4"], "trainer.lr must be >= 0"),
+        (["trainer.lr={schedule: linear, start: 1e-4, steps: 10}"], "trainer.lr.end is required for a linear schedule"),
         (["rollout.n_samples=2.5"], "rollout.n_samples must be int"),
         (["trainer=3"], "trainer must be a mapping"),
         (["steps=0"], "steps must be > 0"),

@@ -122,3 +122,18 @@ def test_leaving_out_zero_advantage_samples_gives_the_same_update(tiny_policy, l
         tolerance = 1e-6 if name.endswith(".grad") else 1e-4
         torch.testing.assert_close(left_out[name], value, rtol=0, atol=tolerance, msg=name)
 
+
+def test_the_step_learning_rate_reaches_both_optimizers(tiny_policy):
+    """`trainer.lr` may be a schedule: the driver sends each step's rate; 0 leaves every weight as it was."""
+    from transformers import AutoModelForCausalLM
+
+    before = dict(AutoModelForCausalLM.from_pretrained(tiny_policy).named_parameters())
+    worker = start_worker(0, 1, free_port(), str(tiny_policy), TrainerConfig(data_parallel_size=1, micro_batch_size=8))
+    try:
+        worker.train(samples(8, worker.model.config.vocab_size), policy_version=0, lr=0.0)
+        after = full_parameters_and_grads(worker.model)
+        assert {group["lr"] for optimizer in worker.optimizer.optimizers for group in optimizer.param_groups} == {0.0}
+    finally:
+        worker.shutdown()
+    for name, value in before.items():
+        assert torch.equal(after[name], value.detach()), name

@@ -69,15 +69,16 @@ class TrainerGroup:
     def weight_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return ray.get(self.ranks[0].weight_layout.remote())
 
-    def train(self, samples: list[TrainSample], policy_version: int, ptx: list[TrainSample] = (),
+    def train(self, samples: list[TrainSample], policy_version: int, lr: float, ptx: list[TrainSample] = (),
               ptx_coef: float = 0.0, skipped_units: float = 0.0) -> dict[str, float]:
         """Each data-parallel group gets an equal shard of the batch and of the PTX samples (the ranks
         of one tensor-parallel group share it); both are padded with masked-out copies to split
-        evenly. `policy_version` is the version the engines sampled with; `skipped_units` are the
+        evenly. `policy_version` is the version the engines sampled with, `lr` this step's learning
+        rate; `skipped_units` are the
         denominator units of samples left out because their gradient is zero, shared by the groups."""
         shards, ptx_shards = self._shards(samples), self._shards(list(ptx))
         share = skipped_units / (self.world // self.tp)
-        results = ray.get([rank.train.remote(shards[index // self.tp], policy_version, ptx_shards[index // self.tp], ptx_coef, share)
+        results = ray.get([rank.train.remote(shards[index // self.tp], policy_version, ptx_shards[index // self.tp], ptx_coef, share, lr)
                            for index, rank in enumerate(self.ranks)])
         return merge_rank_metrics(results, self.tp)
 

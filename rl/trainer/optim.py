@@ -127,11 +127,17 @@ class MuonWithAdamW:
                 muon_params.append(param)
             else:
                 adamw_params.append(param)
+        lr = config.lr_schedule().at(0)
         self.optimizers: list[torch.optim.Optimizer] = [
-            torch.optim.AdamW(adamw_params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+            torch.optim.AdamW(adamw_params, lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
         ]
         if muon_params:
-            self.optimizers.append(Muon(muon_params, lr=config.lr, weight_decay=config.weight_decay))
+            self.optimizers.append(Muon(muon_params, lr=lr, weight_decay=config.weight_decay))
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def step(self) -> None:
         for optimizer in self.optimizers:

@@ -258,7 +258,7 @@ class TrainerWorker:
         return self.model(batch.input_ids, batch.attention, batch.temperatures)
 
     def train(self, samples: list[TrainSample], policy_version: int, ptx: list[TrainSample] = (),
-              ptx_coef: float = 0.0, skipped_units: float = 0.0) -> dict[str, float | tuple[float, float]]:
+              ptx_coef: float = 0.0, skipped_units: float = 0.0, lr: float | None = None) -> dict[str, float | tuple[float, float]]:
         """One batch (this data-parallel group's shard, the same size on every rank) in
         `optimizer_steps_per_batch` mini-batches of micro-batches: `train_step` each. `ptx` (split
         over the mini-batches the same way) adds K2's PTX loss, `ptx_coef` times the mean next-token
@@ -269,6 +269,8 @@ class TrainerWorker:
         computes them. `policy_version` is pi_old's weight version: tokens older than it are stale.
         `skipped_units` are this rank's share of the denominator units of samples left out of the batch
         because their gradient is zero (`PolicyLoss.without_zero_gradients`; one optimizer step only).
+        `lr`, this step's learning rate (`trainer.lr` may be a schedule), holds for all its optimizer
+        steps; None keeps the current one.
 
         Metrics come as (total, count) pairs where ranks merge by adding; with QK-Clip on they include
         `max_attention_logit`, the largest logit of any head before its clip.
@@ -277,6 +279,8 @@ class TrainerWorker:
         config = self.config
         if config.reset_optimizer_each_step:
             self.optimizer = MuonWithAdamW(self.model, config)
+        if lr is not None:
+            self.optimizer.set_lr(lr)
         steps = config.optimizer_steps_per_batch
         if skipped_units and steps > 1:
             raise ValueError("samples may be left out of a batch only with one optimizer step per batch")

@@ -2,12 +2,12 @@ import math
 
 import pytest
 
-from rollout.temperature import TemperatureSchedule
+from rl.schedule import Schedule
 
 
 def at(value, *steps):
-    schedule = TemperatureSchedule.parse(value)
-    return [schedule.temperature_at(step) for step in steps]
+    schedule = Schedule.parse(value, "rollout.temperature")
+    return [schedule.at(step) for step in steps]
 
 
 def test_a_number_is_a_constant_temperature():
@@ -38,13 +38,13 @@ def test_a_rising_schedule_is_allowed():
 
 def test_whole_number_floats_are_step_counts():
     # The config reads numbers in the mapping as floats.
-    assert TemperatureSchedule.parse({"schedule": "linear", "start": 1.0, "end": 0.5, "steps": 10.0}).steps == 10
+    assert Schedule.parse({"schedule": "linear", "start": 1.0, "end": 0.5, "steps": 10.0}, "rollout.temperature").steps == 10
 
 
 @pytest.mark.parametrize(
     "value, message",
     [
-        (0.0, r"rollout\.temperature must be > 0 for sampling K responses, got 0\.0"),
+        (0.0, r"rollout\.temperature must be > 0, got 0\.0"),
         ({"start": -1}, r"rollout\.temperature\.start must be > 0, got -1\.0"),
         ({"schedule": "linear", "start": 1.0, "end": 0.5, "steps": 0}, r"rollout\.temperature\.steps must be > 0 for a linear schedule"),
         ({"schedule": "cosine", "start": 1.0, "end": -0.1, "steps": 10}, r"rollout\.temperature\.end must be > 0"),
@@ -60,9 +60,19 @@ def test_whole_number_floats_are_step_counts():
 )
 def test_bad_schedules_name_the_key(value, message):
     with pytest.raises(ValueError, match=message):
-        TemperatureSchedule.parse(value)
+        Schedule.parse(value, "rollout.temperature")
 
 
 def test_negative_step_is_an_error():
     with pytest.raises(ValueError, match="step must be >= 0"):
-        TemperatureSchedule.parse(1.0).temperature_at(-1)
+        Schedule.parse(1.0, "rollout.temperature").at(-1)
+
+
+def test_a_learning_rate_may_decay_to_zero():
+    assert [Schedule.parse({"schedule": "linear", "start": 1e-4, "end": 0.0, "steps": 4}, "trainer.lr", zero_allowed=True).at(step)
+            for step in (0, 2, 4)] == pytest.approx([1e-4, 5e-5, 0.0])
+    assert Schedule.parse(0.0, "trainer.lr", zero_allowed=True).at(0) == 0.0
+    with pytest.raises(ValueError, match=r"trainer\.lr\.end must be > 0 on an exponential schedule, got 0\.0"):
+        Schedule.parse({"schedule": "exponential", "start": 1e-4, "end": 0.0, "steps": 4}, "trainer.lr", zero_allowed=True)
+    with pytest.raises(ValueError, match=r"trainer\.lr must be >= 0, got -1\.0"):
+        Schedule.parse(-1.0, "trainer.lr", zero_allowed=True)
