@@ -152,6 +152,8 @@ def bench_config(model_path: str, prompts: int, samples: int, length: int, steps
         f"rollout.token_budgets.arithmetic={length}", "rollout.ignore_eos=true", "data.eval_size=1",
         f"data.eval_every={steps}", "checkpoint.every=0", f"trainer.micro_batch_size={min(16, prompts * samples)}",
         f"rollout.max_model_len={max(256, length + 96)}",
+        # Equal work: the baseline trains on every sample, so k2rl does too.
+        "trainer.skip_zero_advantage=false",
     ])
 
 

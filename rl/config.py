@@ -258,6 +258,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     micro_batch_size: int = 16
     optimizer_steps_per_batch: int = 1
+    # With one optimizer step per batch, leave samples with advantage 0 out of the batch: their
+    # gradient is zero, so the update is the same for less work (off: benchmarks of equal work).
+    skip_zero_advantage: bool = True
     reset_optimizer_each_step: bool = False
     max_grad_norm: float = 1.0
     # Logprobs are computed from the final hidden states this many tokens at a time (recomputed in

@@ -187,7 +187,7 @@ class Controller:
     def iteration(self, step: int, workers: Workers, rollout: RolloutManager) -> dict:
         config = self.config
         started = time.perf_counter()
-        temperature = self.temperature.at(step - 1)
+        temperature, lr = self.temperature.at(step - 1), self.lr.at(step - 1)
         critic_tasks = self.critique.critic_task_count(config.data.prompts_per_step)
         tasks = self.critique.step_tasks(self._with_env(self.sampler.sample(config.data.prompts_per_step - critic_tasks)), critic_tasks)
         step_rollout = rollout.collect(tasks, step, temperature, self.version)
@@ -206,7 +206,7 @@ class Controller:
             mixes_ptx = self.ptx and config.trainer.ptx.coef > 0
             ptx = self.ptx.sample(max(1, round(config.trainer.ptx.share * len(samples)))) if mixes_ptx else []
             batch, skipped_units = self._without_zero_gradients(samples)
-            train_metrics = workers.trainers.train(batch, self.version, self.lr.at(step - 1), ptx, config.trainer.ptx.coef, skipped_units)
+            train_metrics = workers.trainers.train(batch, self.version, lr, ptx, config.trainer.ptx.coef, skipped_units)
             train_metrics["zero_gradient_frac"] = 1 - len(batch) / len(samples)
         train_done = time.perf_counter()
         if samples:
@@ -226,6 +226,7 @@ class Controller:
             "truncated_frac": sum(t.truncated for t in trajectories) / count,
             "reward_error_frac": sum(t.reward is not None and t.reward.failed for t in trajectories) / count,
             "temperature": temperature,
+            "lr": lr,
             "samples_trained": sum(any(s.loss_mask) for s in samples),
             **train_metrics,
             "weight_version": self.version,
@@ -280,11 +281,11 @@ class Controller:
         ]
 
     def _without_zero_gradients(self, samples: list[TrainSample]) -> tuple[list[TrainSample], float]:
-        """The batch without the samples that add nothing to the gradient, where leaving them out
-        changes nothing: one optimizer step per batch (the gradient is taken at pi_old), and no
-        QK-Clip (its rescaling reads the attention logits of every sample)."""
+        """The batch without the samples that add nothing to the gradient (`trainer.skip_zero_advantage`),
+        where leaving them out changes nothing: one optimizer step per batch (the gradient is taken
+        at pi_old), and no QK-Clip (its rescaling reads the attention logits of every sample)."""
         trainer = self.config.trainer
-        if trainer.optimizer_steps_per_batch > 1 or trainer.qk_clip_threshold > 0:
+        if not trainer.skip_zero_advantage or trainer.optimizer_steps_per_batch > 1 or trainer.qk_clip_threshold > 0:
             return samples, 0.0
         return self.loss.without_zero_gradients(samples)
 

@@ -25,6 +25,7 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
             *TINY_WORKERS,
             # A decaying temperature: the trainer computes each token's logprob at its own temperature.
             "rollout.temperature={schedule: linear, start: 1.0, end: 0.6, steps: 2}",
+            "trainer.lr={schedule: linear, start: 5.0e-4, end: 0.0, steps: 2}",
             f"model.path={tiny_policy}",
         ],
     )
@@ -54,11 +55,27 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
             assert key in row, key
         assert row["logprob_diff_mean"] < 1e-3
         assert row["temperature"] == pytest.approx({1: 1.0, 2: 0.8}[row["step"]])
+        assert row["lr"] == pytest.approx({1: 5e-4, 2: 2.5e-4}[row["step"]])
+        assert 0 <= row["zero_gradient_frac"] < 1
         # Each step's rollouts come from the previous step's weights.
         assert row["rollout_weight_version"] == row["weight_version"] - 1
     assert (tmp_path / "run" / "reward.png").stat().st_size > 0
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     _check_final_model(tmp_path / "run" / "final", tiny_workers)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "leaves_out"),
+    [([], True), (["trainer.skip_zero_advantage=false"], False), (["trainer.optimizer_steps_per_batch=2"], False),
+     (["trainer.qk_clip_threshold=100"], False)],
+)
+def test_zero_advantage_samples_leave_the_batch_only_where_that_changes_nothing(tmp_path, overrides, leaves_out):
+    from trainer_helpers import samples
+
+    controller = Controller(load_config(None, ["data.eval_size=4", *overrides]), tmp_path)
+    batch = samples(4, 50, advantages=[0.0, 1.0, 0.0, -1.0])
+    kept, skipped_units = controller._without_zero_gradients(batch)
+    assert (kept, skipped_units) == (([batch[1], batch[3]], 2) if leaves_out else (batch, 0.0))
 
 
 def non_loopback_connections() -> list:
