@@ -121,7 +121,8 @@ class RolloutConfig:
     engine_start_timeout_s: float = 300.0
     # An engine that dies mid-run is restarted this many times before the run gives up.
     max_engine_restarts: int = 2
-    # Episodes in flight at once, over all engines (the rest wait their turn).
+    # Episodes in flight at once, over all engines (the rest wait their turn); also the number of
+    # requests one engine batches (vLLM's max_num_seqs).
     max_concurrent_episodes: int = 256
     # An episode ends, truncated, after this many policy turns.
     max_turns: int = 8

@@ -48,6 +48,8 @@ class EngineSpec:
     sleep_between_rollouts: bool = False
     # Torch threads of the engine on CPU; 0: what the process has (Ray gives an actor one).
     cpu_threads: int = 0
+    # Requests one engine step may batch (vLLM's max_num_seqs): the rollout's concurrency.
+    max_num_seqs: int = 256
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,10 @@ def engine_arguments(spec: EngineSpec) -> dict:
         # A prompt is prefilled whole: on CPU, vLLM cannot rewind a seeded request's random
         # generator after a partial prefill, so seeded requests and chunked prefill do not mix.
         enable_chunked_prefill=False,
-        max_num_batched_tokens=max(spec.max_model_len, _PREFILL_TOKENS),
+        max_num_batched_tokens=max(spec.max_model_len, _PREFILL_TOKENS, spec.max_num_seqs),
+        # Set, not left to vLLM: its default for an async engine is 128 on CPU and GPU alike, so a
+        # 200-prompt evaluation would run in two waves.
+        max_num_seqs=spec.max_num_seqs,
         disable_log_stats=True,
         enforce_eager=spec.enforce_eager,
         # A fixed KV cache size, on CPU and GPU alike: by default the CPU backend would

@@ -44,6 +44,7 @@ class EnginePool:
             load_format="dummy",
             sleep_between_rollouts=placement.engines_sleep,
             tensor_parallel_size=config.rollout.tensor_parallel_size,
+            max_num_seqs=config.rollout.max_concurrent_episodes,
         )
         self.restarts = [0] * config.rollout.num_engines
         # Set by the run's wiring: brings a restarted engine to the current weights.
