@@ -1,4 +1,4 @@
-"""How many torch threads each engine gets on CPU."""
+"""What each engine is given: torch threads on CPU, and how many requests it batches."""
 
 from rl.cluster.placement import Placement, shared_cores
 from rl.config import load_config
@@ -19,3 +19,21 @@ def test_engine_threads_follow_the_config_or_the_node(ray_cluster, tiny_policy):
             assert [placement.engine_cpu_threads(index) for index in range(2)] == expected
         finally:
             placement.release()
+
+
+def test_an_engine_batches_as_many_requests_as_the_rollout_runs_at_once(tiny_policy, monkeypatch):
+    """vLLM's async engine would batch 128 requests by default: a 200-prompt evaluation in two waves."""
+    import os
+
+    import torch._dynamo
+    from vllm import AsyncEngineArgs
+
+    from rl.cluster.engine_pool import run_engine_spec
+    from rollout.engine import engine_arguments
+
+    # engine_arguments sets what an engine's process reads; this process keeps its own settings.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    monkeypatch.setattr(torch._dynamo.config, "disable", torch._dynamo.config.disable)
+    config = load_config(None, [f"model.path={tiny_policy}", "rollout.max_concurrent_episodes=300"])
+    spec = run_engine_spec(config, str(tiny_policy), sleep_between_rollouts=False)
+    assert AsyncEngineArgs(**engine_arguments(spec)).create_engine_config().scheduler_config.max_num_seqs == 300

@@ -30,22 +30,29 @@ class EngineStartError(RuntimeError):
     """A rollout engine did not come up; the message names the engine and the cause."""
 
 
+def run_engine_spec(config: RunConfig, model_path: str, sleep_between_rollouts: bool) -> EngineSpec:
+    """What every engine of a run is, but its CPU threads (`EnginePool.engine_spec`): it starts
+    empty, and weight sync sends version 0 before any use."""
+    rollout = config.rollout
+    return EngineSpec(
+        model_path=model_path,
+        dtype=config.model.dtype,
+        max_model_len=rollout.max_model_len,
+        kv_cache_gib=rollout.kv_cache_gib,
+        seed=config.seed,
+        enforce_eager=rollout.enforce_eager,
+        load_format="dummy",
+        sleep_between_rollouts=sleep_between_rollouts,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        max_num_seqs=rollout.max_concurrent_episodes,
+    )
+
+
 class EnginePool:
     def __init__(self, config: RunConfig, model_path: str, placement: Placement):
         self.config = config
         self.placement = placement
-        self.spec = EngineSpec(
-            model_path=model_path,
-            dtype=config.model.dtype,
-            max_model_len=config.rollout.max_model_len,
-            kv_cache_gib=config.rollout.kv_cache_gib,
-            seed=config.seed,
-            enforce_eager=config.rollout.enforce_eager,
-            load_format="dummy",
-            sleep_between_rollouts=placement.engines_sleep,
-            tensor_parallel_size=config.rollout.tensor_parallel_size,
-            max_num_seqs=config.rollout.max_concurrent_episodes,
-        )
+        self.spec = run_engine_spec(config, model_path, placement.engines_sleep)
         self.restarts = [0] * config.rollout.num_engines
         # Set by the run's wiring: brings a restarted engine to the current weights.
         self.load_weights: Callable[[int], None] = lambda index: None
