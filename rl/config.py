@@ -257,6 +257,8 @@ class TrainerConfig:
     # steps}; see rl/schedule.py.
     lr: float | dict[str, float | str] = 5e-4
     weight_decay: float = 0.0
+    # AdamW's (beta1, beta2); Muon keeps its own momentum (0.95).
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     micro_batch_size: int = 16
     optimizer_steps_per_batch: int = 1
     # With one optimizer step per batch, leave samples with advantage 0 out of the batch: their
@@ -343,6 +345,9 @@ class RunConfig:
             raise ConfigError(
                 f"trainer.data_parallel_strategy must be auto, fsdp or replicate, got {self.trainer.data_parallel_strategy!r}"
             )
+        betas = self.trainer.adam_betas
+        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            raise ConfigError(f"trainer.adam_betas must be two numbers in [0, 1), got {betas}")
         if self.trainer.optimizer not in ("muon", "adamw"):
             raise ConfigError(f"trainer.optimizer must be muon or adamw, got {self.trainer.optimizer!r}")
         if self.rollout.partial.max_tokens_per_step < 0:

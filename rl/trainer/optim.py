@@ -129,7 +129,7 @@ class MuonWithAdamW:
                 adamw_params.append(param)
         lr = config.lr_schedule().at(0)
         self.optimizers: list[torch.optim.Optimizer] = [
-            torch.optim.AdamW(adamw_params, lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+            torch.optim.AdamW(adamw_params, lr=lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
         ]
         if muon_params:
             self.optimizers.append(Muon(muon_params, lr=lr, weight_decay=config.weight_decay))
