@@ -149,9 +149,10 @@ class Controller:
             self.critique.prepare_heldout(rollout, self.eval_tasks)
             initial = final = None
             if not resume:
+                eval_started = time.perf_counter()
                 initial = final = self._evaluate(rollout)
                 metrics.log({"step": 0, "weight_version": 0, "eval_accuracy": initial, **self.critique.evaluate(rollout),
-                             **self._ptx_eval(workers)})
+                             **self._ptx_eval(workers), "time_eval_s": time.perf_counter() - eval_started})
             progress = tqdm(range(first_step, config.steps + 1), desc="k2rl train", unit="step", initial=first_step - 1, total=config.steps)
             for step in progress:
                 row = self.iteration(step, workers, rollout)
