@@ -68,7 +68,7 @@ class DataConfig:
     # Task field -> the file's column, for files whose columns have other names
     # (for example {prompt: question, answer: solution}); see rl/data/sources.py.
     columns: dict[str, str] = field(default_factory=dict)
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     eval_size: int = 200
     eval_every: int = 10
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
@@ -251,11 +251,12 @@ class TrainerConfig:
     # version generated (partial rollout); with k2 such tokens stay out of the loss.
     tis_cap: float = 2.0
     # "muon": Muon for the hidden matrices and AdamW for the rest (Moonlight, K2); "adamw": AdamW for all.
-    optimizer: str = "muon"
+    optimizer: str = "adamw"
     # One learning rate for both optimizers (Muon's update is scaled to AdamW's RMS): a number, or a
     # schedule over the run's steps, {schedule: constant|linear|cosine|exponential, start, end,
     # steps}; see rl/schedule.py.
-    lr: float | dict[str, float | str] = 5e-4
+    lr: float | dict[str, float | str] = field(
+        default_factory=lambda: {"schedule": "linear", "start": 2e-4, "end": 8e-5, "steps": 90})
     weight_decay: float = 0.0
     # AdamW's (beta1, beta2); Muon keeps its own momentum (0.95).
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -297,7 +298,7 @@ class ClusterConfig:
 @dataclass
 class RunConfig:
     name: str = "k2rl"
-    steps: int = 200
+    steps: int = 90
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -84,7 +84,7 @@ def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     code, lines = _run_cli(capsys, "trainer.data_parallel_size=3", f"--run-dir={tmp_path}")
     assert code == 2
     assert lines == [
-        "k2rl: error: batch of data.prompts_per_step x rollout.n_samples = 128 trajectories does not divide "
+        "k2rl: error: batch of data.prompts_per_step x rollout.n_samples = 256 trajectories does not divide "
         "into trainer.data_parallel_size x trainer.optimizer_steps_per_batch = 3 equal parts"
     ]
 
