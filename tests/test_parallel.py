@@ -26,6 +26,9 @@ def _config(data_parallel_size: int, tensor_parallel_size: int) -> TrainerConfig
         tensor_parallel_size=tensor_parallel_size,
         micro_batch_size=2,
         qk_clip_threshold=QK_CLIP_THRESHOLD,
+        # Muon's sharded matrices are what this tests, whatever the default optimizer.
+        optimizer="muon",
+        lr=5e-4,
     )
 
 
