@@ -74,11 +74,12 @@ class TrainerGroup:
         """Each data-parallel group gets an equal shard of the batch and of the PTX samples (the ranks
         of one tensor-parallel group share it); both are padded with masked-out copies to split
         evenly. `policy_version` is the version the engines sampled with, `lr` this step's learning
-        rate; `skipped_units` are the
-        denominator units of samples left out because their gradient is zero, shared by the groups."""
+        rate; `skipped_units` are the denominator units of samples left out because their gradient
+        is zero, shared by the groups."""
         shards, ptx_shards = self._shards(samples), self._shards(list(ptx))
         share = skipped_units / (self.world // self.tp)
-        results = ray.get([rank.train.remote(shards[index // self.tp], policy_version, ptx_shards[index // self.tp], ptx_coef, share, lr)
+        results = ray.get([rank.train.remote(shards[index // self.tp], policy_version, ptx_shards[index // self.tp], ptx_coef,
+                                             skipped_units=share, lr=lr)
                            for index, rank in enumerate(self.ranks)])
         return merge_rank_metrics(results, self.tp)
 

@@ -58,6 +58,7 @@ from torch import Tensor
 
 from rl.records import TrainSample
 
+
 def group_advantages(rewards: list[float], group_ids: list[Hashable]) -> list[float]:
     """r_i - rbar(x): each reward minus the mean reward of the responses to the same prompt."""
     totals: dict[Hashable, list[float]] = {}
@@ -199,9 +200,10 @@ class PolicyLoss(ABC):
         """
         if not self.zero_advantage_has_no_gradient():
             return samples, 0.0
-        kept = [s for s in samples if s.advantage != 0.0] or samples[:1]
-        kept_ids = set(map(id, kept))
-        skipped = [s for s in samples if id(s) not in kept_ids]
+        kept = [s for s in samples if s.advantage != 0.0]
+        skipped = [s for s in samples if s.advantage == 0.0]
+        if not kept:
+            kept, skipped = skipped[:1], skipped[1:]
         return kept, sum(self.units(torch.tensor([s.loss_mask])) for s in skipped)
 
 
