@@ -128,8 +128,10 @@ def test_the_step_learning_rate_reaches_both_optimizers(tiny_policy):
     from transformers import AutoModelForCausalLM
 
     before = dict(AutoModelForCausalLM.from_pretrained(tiny_policy).named_parameters())
-    worker = start_worker(0, 1, free_port(), str(tiny_policy), TrainerConfig(data_parallel_size=1, micro_batch_size=8))
+    config = TrainerConfig(data_parallel_size=1, micro_batch_size=8, optimizer="muon")
+    worker = start_worker(0, 1, free_port(), str(tiny_policy), config)
     try:
+        assert len(worker.optimizer.optimizers) == 2  # AdamW and Muon
         worker.train(samples(8, worker.model.config.vocab_size), policy_version=0, lr=0.0)
         after = full_parameters_and_grads(worker.model)
         assert {group["lr"] for optimizer in worker.optimizer.optimizers for group in optimizer.param_groups} == {0.0}
