@@ -90,8 +90,18 @@ class PartialRolloutConfig:
     # K2 partial rollout: once the engines have generated this many tokens in a step, unfinished
     # episodes pause and resume in the next step; 0 turns it off.
     max_tokens_per_step: int = 0
+    # The same per episode (Kimi k1.5's segments): an episode that has generated this many tokens in
+    # a step pauses and goes on in the next; 0 turns it off. A budget for the whole step stops the
+    # long tail only where it is spent before the step's work is done, which in a steady state it
+    # is not: each step then generates what it needs, and waits for its longest episode. A budget
+    # per episode caps every step's generation at the same length.
+    max_episode_tokens_per_step: int = 0
     # A paused group whose oldest token is more than this many weight versions old starts over.
     max_staleness: int = 2
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_tokens_per_step > 0 or self.max_episode_tokens_per_step > 0
 
 
 @dataclass
@@ -353,6 +363,9 @@ class RunConfig:
             raise ConfigError(f"trainer.optimizer must be muon or adamw, got {self.trainer.optimizer!r}")
         if self.rollout.partial.max_tokens_per_step < 0:
             raise ConfigError(f"rollout.partial.max_tokens_per_step must be >= 0 (0 is off), got {self.rollout.partial.max_tokens_per_step}")
+        if self.rollout.partial.max_episode_tokens_per_step < 0:
+            raise ConfigError("rollout.partial.max_episode_tokens_per_step must be >= 0 (0 is off), "
+                              f"got {self.rollout.partial.max_episode_tokens_per_step}")
         if self.rollout.partial.max_staleness < 0:
             raise ConfigError(f"rollout.partial.max_staleness must be >= 0, got {self.rollout.partial.max_staleness}")
         if self.checkpoint.every < 0:

@@ -244,7 +244,7 @@ class Controller:
         row.update(_episode_metrics([t for t in trajectories if t.task.env]))
         if config.reward.length.weight:
             row["length_reward_mean"] = sum(length_rewards.values()) / max(len(length_rewards), 1)
-        if config.rollout.partial.max_tokens_per_step:
+        if config.rollout.partial.enabled:
             staleness = [self.version - 1 - t.oldest_version for t in scored if t.oldest_version >= 0]
             row["staleness_mean"] = sum(staleness) / max(len(staleness), 1)
             row["staleness_max"] = max(staleness, default=0)

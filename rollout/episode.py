@@ -33,6 +33,9 @@ class EpisodeSettings:
     max_model_len: int
     step_timeout_s: float
     ignore_eos: bool = False
+    # Generated tokens the episode may add in one step (rollout.partial.max_episode_tokens_per_step);
+    # past them it pauses (status PARTIAL) and goes on in the next step. 0: no limit.
+    tokens_per_step: int = 0
 
 
 class EnvironmentFailure(RuntimeError):
@@ -79,19 +82,17 @@ class Episode:
         return episode
 
     async def run(self, ctx: Any) -> Trajectory:
-        """Play until the episode ends or the engines abort its generation (status PARTIAL).
+        """Play until the episode ends, or pauses (status PARTIAL): the engines aborted its generation
+        at the step's token budget, or it generated its tokens for this step.
 
         `ctx` is the rollout's context (rollout/manager.py): engines, renderer, environments.
         """
         t = self.trajectory
+        generated_before = t.generated_tokens
         try:
             if self.env is None:
                 await self._start(ctx)
             while True:
-                if ctx.stopped:
-                    # The step's generation budget is spent: pause at this turn boundary.
-                    t.status = EpisodeStatus.PARTIAL
-                    return t
                 if self._turns >= self.settings.max_turns:
                     return self._end(EpisodeStatus.TRUNCATED, "max_turns")
                 room = min(
@@ -100,6 +101,10 @@ class Episode:
                 )
                 if room <= 0:
                     return self._end(EpisodeStatus.TRUNCATED, "length")
+                step_room = self.settings.tokens_per_step - (t.generated_tokens - generated_before) if self.settings.tokens_per_step else room
+                if step_room <= 0:
+                    t.status = EpisodeStatus.PARTIAL
+                    return t
                 if self.engine is None:
                     self.engine = ctx.pool.least_loaded()
                 position = len(t.response_ids)
@@ -107,7 +112,7 @@ class Episode:
                 request = GenerationRequest(
                     request_id=f"{self.request_prefix}/{position}/{ctx.fresh_id()}",
                     prompt_ids=tuple(t.prompt_ids + t.response_ids),
-                    max_tokens=room,
+                    max_tokens=min(room, step_room),
                     temperature=self.settings.temperature,
                     top_p=self.settings.top_p,
                     seed=None if greedy else request_seed(self.run_seed, t.group_id, t.sample_index, position),
@@ -117,7 +122,7 @@ class Episode:
                 result = await ctx.pool.generate(request, self.engine)
                 t.append("assistant", result.token_ids, result.logprobs, result.weight_version, self.settings.temperature)
                 t.finish_reason = result.finish_reason
-                if result.finish_reason == "abort":
+                if result.finish_reason == "abort" or (result.finish_reason == "length" and step_room < room):
                     t.status = EpisodeStatus.PARTIAL
                     return t
                 action = ctx.renderer.decode(t.response_ids[self._turn_start:])

@@ -6,12 +6,17 @@
 Episodes run as asyncio tasks in the driver, at most `rollout.max_concurrent_episodes` at once; an
 episode is scored the moment it ends, while the others still generate.
 
-Partial rollout (K2 §3.3), with `rollout.partial.max_tokens_per_step` > 0: once the engines have
-generated that many tokens in a step, every running generation is aborted. Unfinished episodes
-keep their tokens, logprobs and versions and wait in the buffer, with the finished members of
-their group, to be resumed in the next step; a group enters the training batch only when all its
-K episodes are done. A group whose oldest token is more than `rollout.partial.max_staleness`
-versions behind the policy starts over. The budget counts tokens, not time, so how much a step
+Partial rollout (K2 §3.3; `rollout.partial`) pauses unfinished episodes at a token budget, either or
+both of:
+- `max_tokens_per_step`: once the engines have generated that many tokens in the step (each engine
+  its even share, counted by the engine itself after each of its steps), every running generation
+  is aborted;
+- `max_episode_tokens_per_step`: an episode that has generated that many tokens in the step pauses
+  (Kimi k1.5's segments), so no step waits for the long tail.
+Paused episodes keep their tokens, logprobs and versions and wait in the buffer, with the finished
+members of their group, to be resumed in the next step; a group enters the training batch only when
+all its K episodes are done. A group whose oldest token is more than `rollout.partial.max_staleness`
+versions behind the policy starts over. Budgets count tokens, not time, so how much a step
 generates does not depend on the machine's speed.
 """
 
@@ -36,9 +41,6 @@ from rollout.rendering import Renderer
 
 log = logging.getLogger(__name__)
 
-# How often the driver reads the engines' token counts while a partial-rollout budget runs.
-_BUDGET_POLL_S = 0.02
-
 
 @dataclass
 class StepRollout:
@@ -57,12 +59,11 @@ class StepRollout:
 
 class RolloutContext:
     """What an episode needs: the engines, the renderer, a way to make its environment, and whether
-    the step's generation budget is spent."""
+    its requests count against the step's token budget."""
 
     def __init__(self, pool, renderer: Renderer, make_env: Callable[[Task], Environment], counts_tokens: bool):
         self.pool, self.renderer, self.make_env = pool, renderer, make_env
         self.counts_tokens = counts_tokens
-        self.stopped = False
         self._ids = itertools.count()
 
     def fresh_id(self) -> int:
@@ -82,7 +83,8 @@ class RolloutManager:
         # Partial rollout: groups carried over to the next step, by group id.
         self.buffer: dict[str, list[Episode]] = {}
 
-    def settings(self, task: Task, temperature: float) -> EpisodeSettings:
+    def settings(self, task: Task, temperature: float, partial: bool = True) -> EpisodeSettings:
+        """How the task's episodes play; `partial`: under the partial-rollout budget per episode, if any."""
         rollout = self.config.rollout
         return EpisodeSettings(
             temperature=temperature,
@@ -92,6 +94,7 @@ class RolloutManager:
             max_model_len=rollout.max_model_len,
             step_timeout_s=rollout.step_timeout_s,
             ignore_eos=rollout.ignore_eos,
+            tokens_per_step=rollout.partial.max_episode_tokens_per_step if partial else 0,
         )
 
     def collect(self, tasks: list[Task], step: int, temperature: float, policy_version: int) -> StepRollout:
@@ -115,7 +118,7 @@ class RolloutManager:
         self.buffer = {gid: members for gid, members in groups.items() if gid not in complete}
         paused = sum(1 for e in to_play if not e.done)
         rollout = StepRollout(complete, time_generate_s=generated, time_reward_s=scored)
-        if self.budget:
+        if self.config.rollout.partial.enabled:
             rollout.metrics = {
                 "partial_frac": paused / max(len(to_play), 1),
                 "partial_resumed": resumed,
@@ -127,7 +130,7 @@ class RolloutManager:
     def evaluate(self, tasks: list[Task], samples: int = 1, temperature: float = 0.0) -> list[Trajectory]:
         """`samples` episodes per task (one greedy episode by default), scored, in task order (no
         token budget applies, nothing is buffered)."""
-        episodes = [Episode(task, f"eval-{index}", sample, self.settings(task, temperature), self.config.seed)
+        episodes = [Episode(task, f"eval-{index}", sample, self.settings(task, temperature, partial=False), self.config.seed)
                     for index, task in enumerate(tasks) for sample in range(samples)]
         counts, self.context.counts_tokens = self.context.counts_tokens, False
         try:
@@ -163,9 +166,8 @@ class RolloutManager:
         started = time.perf_counter()
         limit = asyncio.Semaphore(self.config.rollout.max_concurrent_episodes)
         generated_at: list[float] = []
-        self.context.stopped = False
         if budget:
-            await self.pool.tokens_generated(reset=True)
+            await self.pool.start_token_budget(budget)
 
         async def play(episode: Episode) -> None:
             async with limit:
@@ -185,25 +187,17 @@ class RolloutManager:
                     t.reward = result
 
         tasks = [asyncio.ensure_future(play(episode)) for episode in episodes]
-        watcher = asyncio.ensure_future(self._enforce(budget)) if budget else None
         try:
             await asyncio.gather(*tasks)
         finally:
             # After a fatal error (an engine past its restarts), nothing of this step goes on.
-            for task in [*tasks, *([watcher] if watcher else [])]:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, *([watcher] if watcher else []), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.pool.drain()
         scored = time.perf_counter()
         generated = max(generated_at, default=started)
         return generated - started, scored - generated
-
-    async def _enforce(self, budget: int) -> None:
-        """Stop every generation once the engines have generated `budget` tokens in this step."""
-        while await self.pool.tokens_generated() < budget:
-            await asyncio.sleep(_BUDGET_POLL_S)
-        self.context.stopped = True
-        await self.pool.abort_all()
 
     def state_dict(self) -> list[dict[str, Any]]:
         """The partial-rollout buffer, for the run checkpoint."""

@@ -54,6 +54,7 @@ def test_overrides_are_typed():
         (["trainer.optimizer=sgd"], "trainer.optimizer must be muon or adamw"),
         (["trainer.adam_betas=[0.9, 1.0]"], "trainer.adam_betas must be two numbers in"),
         (["rollout.partial.max_tokens_per_step=-1"], "rollout.partial.max_tokens_per_step must be >= 0"),
+        (["rollout.partial.max_episode_tokens_per_step=-2"], "rollout.partial.max_episode_tokens_per_step must be >= 0"),
         (["rollout.max_engine_restarts=-1"], "rollout.max_engine_restarts must be >= 0"),
         (["rollout.cpu_threads=-1"], "rollout.cpu_threads must be >= 0"),
         (["rollout.placement=shared"], "rollout.placement must be disaggregated or colocated"),

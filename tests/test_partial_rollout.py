@@ -14,6 +14,7 @@ from rollout.rendering import Renderer
 pytestmark = pytest.mark.integration
 
 BUDGET = 150
+EPISODE_BUDGET = 16
 
 
 def _task(i: int) -> Task:
@@ -21,11 +22,13 @@ def _task(i: int) -> Task:
                 "arithmetic", "math", {"answer": str(2 * i + 1)})
 
 
-@pytest.fixture
-def setup(tiny_policy, tiny_workers):
+@pytest.fixture(params=["step", "episode"])
+def setup(request, tiny_policy, tiny_workers):
+    """Partial rollout with a token budget for the whole step, or one per episode."""
+    budget = f"rollout.partial.max_tokens_per_step={BUDGET}" if request.param == "step" else \
+        f"rollout.partial.max_episode_tokens_per_step={EPISODE_BUDGET}"
     config = load_config(None, [
-        f"model.path={tiny_policy}", *TINY_WORKERS, "rollout.n_samples=4",
-        f"rollout.partial.max_tokens_per_step={BUDGET}", "rollout.partial.max_staleness=8",
+        f"model.path={tiny_policy}", *TINY_WORKERS, "rollout.n_samples=4", budget, "rollout.partial.max_staleness=8",
     ])
     tiny_workers.weight_sync.push(0)
     return config, tiny_workers, Renderer.from_pretrained(str(tiny_policy))
@@ -39,6 +42,13 @@ def test_paused_episodes_resume_and_every_episode_trains_once(setup):
     try:
         first = manager.collect([_task(i) for i in range(6)], step=1, temperature=1.0, policy_version=0)
         assert first.metrics["partial_frac"] > 0 and first.metrics["partial_buffer_size"] > 0
+        played = [e.trajectory for members in manager.buffer.values() for e in members] + first.trajectories
+        if config.rollout.partial.max_tokens_per_step:
+            # The engine cuts at its own count: past the budget by at most the few engine steps that
+            # run while the abort reaches the engine core (24 requests, a token each per step).
+            assert BUDGET <= sum(t.generated_tokens for t in played) <= BUDGET + 3 * 24
+        else:
+            assert max(t.generated_tokens for t in played) == EPISODE_BUDGET
         for members in manager.buffer.values():
             for episode in members:
                 if not episode.done:

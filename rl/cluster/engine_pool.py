@@ -2,7 +2,7 @@
 
 Requests go to the least-loaded engine, and every request of one episode to the same engine, so
 its turns reuse their prefix in that engine's cache. Requests made in the same moment travel to
-an engine together, in one streaming call whose results come back one by one as they finish.
+an engine together, in one streaming call whose results come back as they finish.
 
 An engine that dies is restarted (up to `rollout.max_engine_restarts` times), brought to the
 current weight version, and the requests it held are sent again: an episode re-runs from its last
@@ -64,6 +64,8 @@ class EnginePool:
         self._queued: dict[int, list[tuple[GenerationRequest, asyncio.Future]]] = {}
         self._streams: set[asyncio.Task] = set()
         self._revive_locks: dict[int, asyncio.Lock] = {}
+        # Each engine's share of the current step's token budget (0: none); a restarted engine gets it too.
+        self._budget_share = 0
 
     def wait_ready(self) -> None:
         """Wait until every engine has started; one that cannot ends the run, naming it and the cause."""
@@ -136,11 +138,11 @@ class EnginePool:
         waiting = {request.request_id: future for request, future in batch}
         try:
             async for ref in self.engines[engine].generate.remote([request for request, _ in batch]):
-                result = await ref
-                self._load[engine] -= 1
-                future = waiting.pop(result.request_id)
-                if not future.done():  # its episode may have been cancelled
-                    future.set_result(result)
+                for result in await ref:
+                    self._load[engine] -= 1
+                    future = waiting.pop(result.request_id)
+                    if not future.done():  # its episode may have been cancelled
+                        future.set_result(result)
         except Exception as error:  # noqa: BLE001 - every waiting request learns what happened
             for future in waiting.values():
                 if not future.done():
@@ -169,15 +171,14 @@ class EnginePool:
         self.engines[index] = self._start(index)
         self._wait_ready(index, self.engines[index], "died and could not be restarted")
         self.load_weights(index)
+        if self._budget_share:
+            ray.get(self.engines[index].start_token_budget.remote(self._budget_share))
 
-    async def tokens_generated(self, reset: bool = False) -> int:
-        """Tokens the engines generated for requests that count theirs (since the last reset)."""
-        counts = await asyncio.gather(*(engine.tokens_generated.remote(reset) for engine in self.engines), return_exceptions=True)
-        return sum(count for count in counts if isinstance(count, int))
-
-    async def abort_all(self) -> None:
-        """Stop every running request on every engine; each returns its tokens so far."""
-        await asyncio.gather(*(engine.abort_all.remote() for engine in self.engines), return_exceptions=True)
+    async def start_token_budget(self, budget: int) -> None:
+        """Start a step's token budget (rollout.partial.max_tokens_per_step), shared evenly among the
+        engines: each stops its counted requests once it has generated its share."""
+        self._budget_share = -(-budget // len(self.engines))
+        await asyncio.gather(*(engine.start_token_budget.remote(self._budget_share) for engine in self.engines))
 
     def sequence_logprobs(self, index: int, token_ids: list[int]) -> list[float]:
         return ray.get(self.engines[index].sequence_logprobs.remote(token_ids))
