@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_rollout.add_argument("--length", type=int, default=48, help="tokens of each of those responses (default 48)")
     bench_rollout.add_argument("--repeats", type=int, default=3, help="timed rounds of each side; the best counts (default 3)")
     bench_rollout.add_argument("--steps", type=int, default=6, help="steady-state steps of each partial-rollout side (default 6)")
-    bench_rollout.add_argument("--warmup", type=int, default=3, help="steps before those (default 3)")
+    bench_rollout.add_argument("--warmup", type=int, default=6, help="steps before those, while the long episodes fill the buffer (default 6)")
     bench_rollout.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_rollout.set_defaults(handler=cmd_bench_rollout)
     return parser

@@ -9,8 +9,9 @@ runs the engine core in a process of its own) and the rest of the rollout layer'
 
 Partial rollout: steady-state steps of the whole loop on a task mix with a long tail (most tasks
 answer in a few tokens, a few at a long budget; every response runs to its task's budget), with
-and without `rollout.partial.max_tokens_per_step`. Reported per side: seconds per step, samples
-trained per second, and with partial rollout the buffer size and the tokens masked as stale.
+and without partial rollout (`rollout.partial.max_episode_tokens_per_step`: twice the short
+answers' length). Reported per side: seconds per step, samples trained per second, and with
+partial rollout the buffer size and the tokens masked as stale.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class OverheadResult:
 @dataclass
 class PartialSide:
     step_s: float
+    rollout_s: float
     samples_per_s: float
     samples_per_step: float
     partial_buffer_size: float = 0.0
@@ -58,6 +60,7 @@ class PartialResult:
     short_tokens: int
     long_tokens: int
     long_share: float
+    # Tokens per episode per step on the partial side.
     budget: int
     without: PartialSide
     with_partial: PartialSide
@@ -86,10 +89,10 @@ class RolloutBench:
             f"  of which the engine call alone (async engine + Ray, no episodes or scoring): {o.engine_call_s:.2f} s = "
             f"{o.engine_call_ratio:.2f}x",
             f"partial rollout: {1 - p.long_share:.0%} of tasks answer in {p.short_tokens} tokens, {p.long_share:.0%} in "
-            f"{p.long_tokens}; budget {p.budget} tokens per step",
-            f"  without: {p.without.step_s:.2f} s/step, {p.without.samples_per_step:.1f} samples/step, "
+            f"{p.long_tokens}; with partial rollout each episode generates at most {p.budget} tokens per step",
+            f"  without: {p.without.step_s:.2f} s/step (rollout {p.without.rollout_s:.2f} s), {p.without.samples_per_step:.1f} samples/step, "
             f"{p.without.samples_per_s:.1f} samples/s",
-            f"  with:    {p.with_partial.step_s:.2f} s/step, {p.with_partial.samples_per_step:.1f} samples/step, "
+            f"  with:    {p.with_partial.step_s:.2f} s/step (rollout {p.with_partial.rollout_s:.2f} s), {p.with_partial.samples_per_step:.1f} samples/step, "
             f"{p.with_partial.samples_per_s:.1f} samples/s, buffer {p.with_partial.partial_buffer_size:.0f} episodes, "
             f"{p.with_partial.stale_tokens:.0f} stale tokens masked per step",
             f"  speedup {p.speedup:.2f}x (goal >= 1.5x)",
@@ -175,22 +178,17 @@ def partial_tasks(path: Path, count: int, long_share: float) -> Path:
     return path
 
 
-def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: int, budget: int,
+def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: int, episode_budget: int,
                    micro_batch_size: int = 8) -> RunConfig:
     return load_config(None, [
         f"model.path={model_path}", f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.eval_size=1",
         f"data.eval_every={steps}", f"steps={steps}", "data.prompts_per_step=8", "rollout.n_samples=4",
         f"rollout.token_budgets.short={short}", f"rollout.token_budgets.long={long}", "rollout.ignore_eos=true",
-        f"rollout.max_model_len={long + 96}", f"rollout.partial.max_tokens_per_step={budget}",
+        f"rollout.max_model_len={long + 96}", f"rollout.partial.max_episode_tokens_per_step={episode_budget}",
         "rollout.partial.max_staleness=8", "checkpoint.every=0", f"trainer.micro_batch_size={micro_batch_size}",
+        # Equal work on both sides: every sample is trained on, whatever its advantage.
+        "trainer.skip_zero_advantage=false",
     ])
-
-
-def partial_budget(short: int) -> int:
-    """The partial side's generation budget: about what the short groups of a step generate, plus a
-    share for the long ones."""
-    prompts, samples = 8, 4
-    return int(prompts * samples * short * 1.5)
 
 
 def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int, long_share: float, steps: int,
@@ -198,7 +196,9 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
     """Steady-state steps without and with partial rollout, each a run on `workers`."""
     from rl.loop import Controller
 
-    budget = partial_budget(short)
+    # An episode pauses after twice a short answer: every step's generation ends there, and the long
+    # episodes of several steps generate side by side.
+    budget = 2 * short
     sides = []
     with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
         for side_budget in (0, budget):
@@ -208,9 +208,10 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
             Controller(config, run_dir).run(model_path, workers=workers)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
             step = statistics.mean(row["time_step_s"] for row in rows)
+            rollout = statistics.mean(row["time_rollout_s"] for row in rows)
             trained = statistics.mean(row["samples_trained"] for row in rows)
             sides.append(PartialSide(
-                step_s=step, samples_per_s=trained / step, samples_per_step=trained,
+                step_s=step, rollout_s=rollout, samples_per_s=trained / step, samples_per_step=trained,
                 partial_buffer_size=statistics.mean(row.get("partial_buffer_size", 0) for row in rows),
                 stale_tokens=statistics.mean(row.get("stale_tokens", 0) for row in rows),
             ))
@@ -226,7 +227,8 @@ def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int,
 
     short, long, long_share = 16, 160, 0.125
     with ray_session(), tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
-        tasks = partial_tasks(Path(scratch) / "tasks.jsonl", 256, long_share)
+        # As many tasks as prompts per step: every step plays the same mix, one long group in eight.
+        tasks = partial_tasks(Path(scratch) / "tasks.jsonl", 8, long_share)
         # Each run of a partial-rollout side starts the workers' trainer from the model again.
         own_workers = workers is None
         if own_workers:
