@@ -1,12 +1,11 @@
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from trainer_helpers import run_two_ranks
 
 from rl.trainer.losses import (
     GROUP_STD_EPS,
@@ -192,9 +191,9 @@ _RANK_BATCHES = [
 ]
 
 
-def _rank_gradient(rank: int, port: int, out_dir: str) -> None:
+def _rank_gradient(rank: int, world_size: int, port: int, out_dir: str) -> None:
     # A bounded wait, so that a rank whose peer died does not outlive the test.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
         theta = torch.zeros((), requires_grad=True)  # one shared parameter, shifting every logprob
@@ -211,11 +210,7 @@ def _rank_gradient(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_denominator_makes_rank_average_the_global_token_mean(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # Forked, not spawned: the ranks need no fresh interpreter, and importing torch twice is slow.
-    mp.start_processes(_rank_gradient, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    run_two_ranks(_rank_gradient, str(tmp_path))
     averaged = [float((tmp_path / f"rank{rank}").read_text()) for rank in range(2)]
 
     theta = torch.zeros((), requires_grad=True)

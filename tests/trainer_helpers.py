@@ -3,6 +3,7 @@ and 2-rank gloo runs."""
 
 from __future__ import annotations
 
+import gc
 import random
 from typing import Callable
 
@@ -61,6 +62,9 @@ def run_two_ranks(fn: Callable, *args) -> None:
 
 
 def _one_thread_rank(rank: int, fn: Callable, *args) -> None:
+    # The child never collects what it inherited: a process group of an earlier test, left to the
+    # parent's garbage collector, would join its threads, which do not exist after a fork, and hang.
+    gc.freeze()
     # One thread per rank (two ranks, two cores). It also keeps the child out of the OpenMP thread
     # pool it inherited from the parent, whose threads do not exist after a fork: using them hangs.
     torch.set_num_threads(1)
