@@ -16,12 +16,19 @@ from __future__ import annotations
 import functools
 import threading
 
-from math_verify import parse, verify
+from math_verify import parse, parser, verify
 
 from rewards.registry import register
 from rl.records import RewardResult, Task
 
 _TIMEOUT_SECONDS = 5
+
+# math_verify memoises its LaTeX-to-sympy conversion (an ANTLR parse, most of the time a response's
+# scoring takes) in 20 entries. A step scores hundreds of responses whose answers repeat (a group's
+# K answers, the same small numbers across groups, every evaluation), so the memo is widened; its
+# values are immutable sympy expressions, as before.
+_LATEX_MEMO_SIZE = 4096
+parser.parse_latex_cached = functools.lru_cache(maxsize=_LATEX_MEMO_SIZE)(parser.parse_latex_cached.__wrapped__)
 
 
 @register("math")
