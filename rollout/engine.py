@@ -142,16 +142,8 @@ class RolloutEngine:
 
     def __init__(self, spec: EngineSpec):
         from vllm import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if not spec.enforce_eager and current_platform.is_cpu():
-            # The compiled model would keep calling the packed weights it was compiled with, which
-            # weight sync replaces (rl/weight_sync/engine_loader.py); vLLM fails at the first request.
-            raise ValueError(
-                "rollout.enforce_eager=false is not supported on CPU: vLLM compiles its CPU model around "
-                "weights packed at load time, and in-place weight updates replace them"
-            )
         self.spec = spec
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_arguments(spec)))
         self._node_id = _node_id()

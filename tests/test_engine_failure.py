@@ -31,14 +31,3 @@ def test_engine_start_failure_is_one_line_and_leaves_no_processes(tiny_policy, r
     assert len(error_lines) == 1 and "rollout engine 0 failed to start" in error_lines[0], err[-2000:]
 
     assert_all_exit(lambda: run_processes() - before, 20, "the failed run")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled engines are refused on CPU only")
-def test_a_compiled_engine_on_cpu_is_refused_by_name(tiny_policy, ray_cluster, tmp_path, capsys):
-    capsys.readouterr()
-    assert main(["train", f"model.path={tiny_policy}", "steps=1", "trainer.data_parallel_size=1", "rollout.enforce_eager=false",
-                 f"--run-dir={tmp_path / 'run'}"]) == 2
-    err = capsys.readouterr().err
-    error_lines = [line for line in err.splitlines() if line.startswith("k2rl: error:")]
-    assert len(error_lines) == 1, err[-2000:]
-    assert "rollout engine 0 failed to start" in error_lines[0] and "rollout.enforce_eager=false is not supported on CPU" in error_lines[0]

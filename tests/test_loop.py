@@ -64,6 +64,27 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
     _check_final_model(tmp_path / "run" / "final", tiny_workers)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled model of a CPU engine")
+def test_a_compiled_cpu_engine_generates_with_the_weights_of_each_update(tiny_policy, ray_cluster, tmp_path):
+    """vLLM compiles its CPU model around the packed weights' handles; updates must reach it."""
+    config = load_config(None, ["steps=2", "data.prompts_per_step=2", "rollout.n_samples=2", "data.eval_size=4",
+                                "data.eval_every=2", "trainer.data_parallel_size=1", "rollout.enforce_eager=false",
+                                *TINY_WORKERS, f"model.path={tiny_policy}"])
+    probe = Renderer.from_pretrained(str(tiny_policy)).prompt([{"role": "user", "content": "Tom has 3 coins and finds 4 more."}])
+    gaps = []
+
+    def compare_logprobs(step, workers):
+        sequence = probe + [20, 21, 22, 23]
+        engine = torch.tensor(workers.engines.sequence_logprobs(0, sequence))
+        trainer = torch.tensor(workers.trainers.logprobs(sequence))
+        gaps.append((engine - trainer).abs().max().item())
+
+    assert Controller(config, tmp_path / "run").run(str(tiny_policy), on_step=compare_logprobs).weight_version == 2
+    assert len(gaps) == 2 and all(gap < 1e-3 for gap in gaps), gaps
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["logprob_diff_mean"] < 1e-3 for row in rows[1:])
+
+
 @pytest.mark.parametrize(
     ("overrides", "leaves_out"),
     [([], True), (["trainer.skip_zero_advantage=false"], False), (["trainer.optimizer_steps_per_batch=2"], False),

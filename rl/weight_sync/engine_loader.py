@@ -10,6 +10,11 @@ layers their plain weight back, and after each update `k2rl_pack_weights` packs 
 the plain weights: updates stay copies, and generation keeps the packed kernels (about twice as
 fast as torch's linear on the plain weights, at the price of a second copy of the weights in
 memory). On GPU there is nothing to pack.
+
+A oneDNN layer is packed again into the handle vLLM gave it at load: the handle's pointer, which
+vLLM keeps in a tensor so that a compiled model reads it at every call, is swapped in place. A
+compiled CPU model (`rollout.enforce_eager=false`) therefore runs on the new weights too; it was
+compiled around that handle, and a new one would never reach it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 import torch
 
 from rl.weight_sync.transport import BucketPlan, BucketViews
+
+# The primitive cache size vLLM packs its CPU linear layers with (model_executor/layers/utils.py).
+_ONEDNN_PRIMITIVE_CACHE = 32
 
 
 class WeightSyncLoader:
@@ -47,7 +55,9 @@ class WeightSyncLoader:
                 materialize_layer(layer, info)
             # vLLM would otherwise pack (and drop) the weight again after each load.
             layer._cpu_skip_gemm_dispatch = True
-            layer.cpu_linear = torch.nn.functional.linear
+            if _onednn_handle(layer) is None:
+                # Another packed kernel: plain torch linear until `k2rl_pack_weights` dispatches anew.
+                layer.cpu_linear = torch.nn.functional.linear
             changed += 1
         if changed and reload_from_disk:
             self.model_runner.reload_weights()
@@ -56,13 +66,24 @@ class WeightSyncLoader:
     def k2rl_pack_weights(self) -> int:
         """Pack the plain weights for vLLM's CPU kernels, keeping the plain ones for the next update;
         returns the layers packed. Call after an update has fully arrived."""
+        from vllm import _custom_ops as ops
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         packed = 0
         for layer in self.model_runner.get_model().modules():
-            if getattr(layer, "_cpu_skip_gemm_dispatch", False):
+            if not getattr(layer, "_cpu_skip_gemm_dispatch", False):
+                continue
+            handle = _onednn_handle(layer)
+            if handle is None:
                 dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-                packed += 1
+            else:
+                # vLLM's own packing call; the fresh handle takes the old pointer and frees it.
+                fresh = ops.create_onednn_mm(layer.weight.t(), _ONEDNN_PRIMITIVE_CACHE)
+                old_pointer = handle.handler_tensor.clone()
+                handle.handler_tensor.copy_(fresh.handler_tensor)
+                fresh.handler_tensor.copy_(old_pointer)
+                del fresh
+            packed += 1
         return packed
 
     def k2rl_attach_plan(self, plan: dict, node_id: str) -> None:
@@ -77,3 +98,12 @@ class WeightSyncLoader:
             self.model_runner.get_model().load_weights(iter(tensors))
         finally:
             tensors.clear()
+
+
+def _onednn_handle(layer: torch.nn.Module):
+    """The oneDNN handle that the layer's packed kernel calls (vLLM keeps it in the kernel's
+    closure), or None for any other kernel."""
+    from vllm._custom_ops import CPUDNNLGEMMHandler
+
+    cells = getattr(getattr(layer, "cpu_linear", None), "__closure__", None) or ()
+    return next((cell.cell_contents for cell in cells if isinstance(cell.cell_contents, CPUDNNLGEMMHandler)), None)
