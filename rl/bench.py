@@ -145,8 +145,11 @@ def check_memory(parameters: int, size: str) -> None:
         )
 
 
-def bench_config(model_path: str, prompts: int, samples: int, length: int, steps: int) -> RunConfig:
-    """One k2rl run that does the benchmark's work: fixed-length responses, no evaluation to speak of."""
+def bench_config(model_path: str, prompts: int, samples: int, length: int, steps: int,
+                 overrides: tuple[str, ...] = ()) -> RunConfig:
+    """One k2rl run that does the benchmark's work: fixed-length responses, no evaluation to speak of.
+    `overrides` (KEY=VALUE, as for `k2rl train`) come last: a setting to measure, such as
+    rollout.enforce_eager=false; the baseline reads the same config for its share of the work."""
     return load_config(None, [
         f"model.path={model_path}", f"steps={steps}", f"data.prompts_per_step={prompts}", f"rollout.n_samples={samples}",
         f"rollout.token_budgets.arithmetic={length}", "rollout.ignore_eos=true", "data.eval_size=1",
@@ -154,6 +157,7 @@ def bench_config(model_path: str, prompts: int, samples: int, length: int, steps
         f"rollout.max_model_len={max(256, length + 96)}",
         # Equal work: the baseline trains on every sample, so k2rl does too.
         "trainer.skip_zero_advantage=false",
+        *overrides,
     ])
 
 
@@ -294,7 +298,8 @@ def built_in_sizes(names: list[str], scratch: Path) -> list[BenchSize]:
     return sizes
 
 
-def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int) -> StepBench:
+def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int,
+                   overrides: tuple[str, ...] = ()) -> StepBench:
     """Both sides at each size: k2rl first (on a Ray cluster of its own), then the baseline alone."""
     from rl.cluster.ray_session import ray_session
 
@@ -302,7 +307,7 @@ def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int)
     for size in sizes:
         parameters = _parameters(size.model_path)
         check_memory(parameters, size.name)
-        config = bench_config(size.model_path, size.prompts, size.samples, length, warmup + steps)
+        config = bench_config(size.model_path, size.prompts, size.samples, length, warmup + steps, overrides)
         with ray_session():
             k2rl = run_k2rl(config, size.model_path, warmup)
         baseline = run_baseline(config, size.model_path, warmup, steps)

@@ -235,7 +235,7 @@ def cmd_bench_step(ns: argparse.Namespace) -> int:
                 sizes = [BenchSize(Path(ns.model).name, require_model_dir(ns.model, "--model"), ns.prompts or 16, ns.samples or 8)]
             else:
                 sizes = built_in_sizes(ns.sizes.split(","), Path(scratch))
-            bench = run_step_bench(sizes, ns.steps, ns.warmup, ns.length)
+            bench = run_step_bench(sizes, ns.steps, ns.warmup, ns.length, tuple(ns.overrides))
     except ConfigError as error:
         return _fail(str(error))
     print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_step.add_argument("--steps", type=int, default=3, help="timed steps per side (default 3)")
     bench_step.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     bench_step.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_step.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE for the run (e.g. rollout.enforce_eager=false)")
     bench_step.set_defaults(handler=cmd_bench_step)
     bench_rollout = bench.add_parser("rollout", help="rollout layer vs offline LLM.generate; partial rollout vs none")
     bench_rollout.add_argument("--model", help="a Hugging Face model directory (default: the embedded policy)")

@@ -18,7 +18,8 @@ def _bench(capsys, *args: str) -> dict:
 
 
 def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ray_cluster, capsys):
-    report = _bench(capsys, "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=1", "--warmup=0")
+    report = _bench(capsys, "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=1", "--warmup=0",
+                    "trainer.micro_batch_size=2")
     [size] = report["sizes"]
     assert size["completions_per_step"] == 4 and set(size["ratios"]) == {"end_to_end", "rollout", "train"}
     assert set(size["k2rl"]["breakdown"]) == {"rollout", "reward", "train", "weight sync", "rest"}
@@ -33,6 +34,11 @@ def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, tiny_
     report = json.loads(json.dumps(bench.to_dict()))
     assert report["overhead"]["ratio"] > 0 and report["overhead"]["engine_call_ratio"] > 0 and report["partial"]["speedup"] > 0
     assert "partial" in bench.describe()
+
+
+def test_a_bad_bench_override_is_one_line(tiny_policy, capsys):
+    assert main(["bench", "step", f"--model={tiny_policy}", "rollout.no_such_key=1"]) == 2
+    assert "rollout.no_such_key" in capsys.readouterr().err
 
 
 def test_a_bench_size_that_does_not_fit_is_one_line():
