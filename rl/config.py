@@ -123,8 +123,8 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     kv_cache_gib: int = 1
     max_model_len: int = 256
-    # false compiles the model (torch.compile; on GPU with CUDA graphs): on CPU the rollout runs about
-    # a fifth faster for the default policy, and each engine start takes 15-35 s longer.
+    # false compiles the model (torch.compile; on GPU with CUDA graphs): on CPU the default run's
+    # rollout took 10-25% less time, and each engine start takes 15-35 s longer.
     enforce_eager: bool = True
     # On CPU, the torch threads of each engine; 0: its node's cores shared among the engines placed
     # there (engines and trainer take turns, so an engine may use the cores the trainer leaves idle).
