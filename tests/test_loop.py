@@ -35,10 +35,7 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
 
     def compare_logprobs(step, workers):
         assert not non_loopback_connections(), "a run's own cluster must keep its traffic on loopback"
-        sequence = probe + [20, 21, 22, 23]
-        engine = torch.tensor(workers.engines.sequence_logprobs(0, sequence))
-        trainer = torch.tensor(workers.trainers.logprobs(sequence))
-        checks.append((step, workers.weight_sync.version, (engine - trainer).abs().max().item()))
+        checks.append((step, workers.weight_sync.version, _engine_trainer_gap(workers, probe)))
 
     summary = controller.run(str(tiny_policy), on_step=compare_logprobs, workers=tiny_workers)
 
@@ -74,10 +71,7 @@ def test_a_compiled_cpu_engine_generates_with_the_weights_of_each_update(tiny_po
     gaps = []
 
     def compare_logprobs(step, workers):
-        sequence = probe + [20, 21, 22, 23]
-        engine = torch.tensor(workers.engines.sequence_logprobs(0, sequence))
-        trainer = torch.tensor(workers.trainers.logprobs(sequence))
-        gaps.append((engine - trainer).abs().max().item())
+        gaps.append(_engine_trainer_gap(workers, probe))
 
     assert Controller(config, tmp_path / "run").run(str(tiny_policy), on_step=compare_logprobs).weight_version == 2
     assert len(gaps) == 2 and all(gap < 1e-3 for gap in gaps), gaps
@@ -97,6 +91,14 @@ def test_zero_advantage_samples_leave_the_batch_only_where_that_changes_nothing(
     batch = samples(4, 50, advantages=[0.0, 1.0, 0.0, -1.0])
     kept, skipped_units = controller._without_zero_gradients(batch)
     assert (kept, skipped_units) == (([batch[1], batch[3]], 2) if leaves_out else (batch, 0.0))
+
+
+def _engine_trainer_gap(workers, probe: list[int]) -> float:
+    """The largest difference between engine 0's and the trainer's logprobs of `probe` and four more tokens."""
+    sequence = probe + [20, 21, 22, 23]
+    engine = torch.tensor(workers.engines.sequence_logprobs(0, sequence))
+    trainer = torch.tensor(workers.trainers.logprobs(sequence))
+    return (engine - trainer).abs().max().item()
 
 
 def non_loopback_connections() -> list:
