@@ -31,6 +31,7 @@ from rl.config import ConfigError, RunConfig, load_config
 from rl.data import PromptSampler, arithmetic_eval_tasks
 from rl.metrics import read_metrics
 from rl.records import TrainSample
+from rl.schedule import Schedule
 from rl.trainer.logprobs import token_logprobs
 from rl.trainer.losses import LossSettings, TokenBatch, get_loss
 from rl.trainer.optim import MuonWithAdamW
@@ -197,13 +198,14 @@ class Baseline:
         config = self.config
         tasks = self.sampler.sample(config.data.prompts_per_step)
         length = config.rollout.token_budgets["arithmetic"]
+        temperature = Schedule.parse(config.rollout.temperature, "rollout.temperature").at(0)
         started = time.perf_counter()
         prompts = [self.tokenizer.apply_chat_template(list(t.messages), add_generation_prompt=True, tokenize=False)
                    for t in tasks for _ in range(config.rollout.n_samples)]
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             output = self.model.generate(**batch, max_new_tokens=length, min_new_tokens=length, do_sample=True,
-                                         temperature=1.0, top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id)
+                                         temperature=temperature, top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id)
         rolled = time.perf_counter()
         responses = output[:, batch["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -216,7 +218,7 @@ class Baseline:
             prompt = ids[mask.bool()].tolist()
             response = responses[row].tolist()
             n = len(response)
-            samples.append(TrainSample(prompt + response, len(prompt), [1] * n, [0.0] * n, [1.0] * n, [0] * n, advantages[row]))
+            samples.append(TrainSample(prompt + response, len(prompt), [1] * n, [0.0] * n, [temperature] * n, [0] * n, advantages[row]))
         scored = time.perf_counter()
         self._train(samples)
         return time.perf_counter() - started, rolled - started, time.perf_counter() - scored

@@ -109,7 +109,7 @@ class RolloutConfig:
     n_samples: int = 8
     # A number, or a decaying schedule (K2): {schedule: constant|linear|cosine|exponential, start,
     # end, steps}; see rl/schedule.py.
-    temperature: float | dict[str, float | str] = 1.0
+    temperature: float | dict[str, float | str] = 0.8
     top_p: float = 1.0
     # K2 budget control: the maximum response tokens per task type.
     token_budgets: dict[str, int] = field(default_factory=lambda: {"arithmetic": 48})
