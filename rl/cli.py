@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_rollout.add_argument("--model", help="a Hugging Face model directory (default: the embedded policy)")
     bench_rollout.add_argument("--requests", type=int, default=128, help="requests in the overhead comparison (default 128)")
     bench_rollout.add_argument("--length", type=int, default=48, help="tokens of each of those responses (default 48)")
-    bench_rollout.add_argument("--repeats", type=int, default=3, help="timed rounds of each side; the best counts (default 3)")
+    bench_rollout.add_argument("--repeats", type=int, default=5, help="timed rounds, each timing every side back to back; medians count (default 5)")
     bench_rollout.add_argument("--steps", type=int, default=6, help="steady-state steps of each partial-rollout side (default 6)")
     bench_rollout.add_argument("--warmup", type=int, default=6, help="steps before those, while the long episodes fill the buffer (default 6)")
     bench_rollout.add_argument("--json", action="store_true", help="print JSON instead of a table")

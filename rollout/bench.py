@@ -5,7 +5,8 @@ the same seeds) through the whole rollout layer (RolloutManager -> EnginePool ->
 AsyncLLM, episodes, rendering, scoring) against vLLM's offline `LLM.generate` in an actor of its
 own with the same engine arguments. Goal: at most 1.10x. Beside it, the same requests in one
 streaming call to the engine actor, which splits the overhead into the engine's (its async engine
-runs the engine core in a process of its own) and the rest of the rollout layer's.
+runs the engine core in a process of its own) and the rest of the rollout layer's. Each round
+times the three back to back; the figures are medians over the rounds.
 
 Partial rollout: steady-state steps of the whole loop on a task mix with a long tail (most tasks
 answer in a few tokens, a few at a long budget; every response runs to its task's budget), with
@@ -28,21 +29,18 @@ from rl.config import RunConfig, load_config
 
 @dataclass
 class OverheadResult:
+    """Medians over the timed rounds; each ratio is the median of the rounds' own ratios."""
+
     requests: int
     tokens_per_request: int
+    rounds: int
     offline_s: float
     # The same requests in one streaming call to the engine actor from the driver: the async
     # engine, its engine-core process and Ray, without the rollout layer's episodes and scoring.
     engine_call_s: float
     rollout_layer_s: float
-
-    @property
-    def ratio(self) -> float:
-        return self.rollout_layer_s / self.offline_s
-
-    @property
-    def engine_call_ratio(self) -> float:
-        return self.engine_call_s / self.offline_s
+    ratio: float
+    engine_call_ratio: float
 
 
 @dataclass
@@ -77,16 +75,16 @@ class RolloutBench:
 
     def to_dict(self) -> dict:
         return {
-            "overhead": {**asdict(self.overhead), "ratio": self.overhead.ratio, "engine_call_ratio": self.overhead.engine_call_ratio},
+            "overhead": asdict(self.overhead),
             "partial": {**asdict(self.partial), "speedup": self.partial.speedup},
         }
 
     def describe(self) -> str:
         o, p = self.overhead, self.partial
         return "\n".join([
-            f"rollout layer vs offline LLM.generate: {o.requests} requests x {o.tokens_per_request} tokens: "
-            f"{o.rollout_layer_s:.2f} s vs {o.offline_s:.2f} s = {o.ratio:.2f}x (goal <= 1.10x)",
-            f"  of which the engine call alone (async engine + Ray, no episodes or scoring): {o.engine_call_s:.2f} s = "
+            f"rollout layer vs offline LLM.generate: {o.requests} requests x {o.tokens_per_request} tokens, medians of "
+            f"{o.rounds} rounds: {o.rollout_layer_s:.2f} s vs {o.offline_s:.2f} s, {o.ratio:.2f}x (goal <= 1.10x)",
+            f"  of which the engine call alone (async engine + Ray, no episodes or scoring): {o.engine_call_s:.2f} s, "
             f"{o.engine_call_ratio:.2f}x",
             f"partial rollout: {1 - p.long_share:.0%} of tasks answer in {p.short_tokens} tokens, {p.long_share:.0%} in "
             f"{p.long_tokens}; with partial rollout each episode generates at most {p.budget} tokens per step",
@@ -119,8 +117,9 @@ class OfflineEngine:
 
 
 def measure_overhead(workers, model_path: str, requests: int, length: int, repeats: int) -> OverheadResult:
-    """Best of `repeats` for each side, each after one untimed round; the rollout layer's side on
-    the engine of `workers`."""
+    """`repeats` timed rounds after one untimed one, the rollout layer's side on the engine of
+    `workers`. A round times the three sides back to back (offline, engine call, rollout layer),
+    so that the machine's drift from one minute to the next meets all three alike."""
     import ray
 
     from rewards import RewardScorer
@@ -134,17 +133,14 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
     tasks = PromptSampler(None, 0, arithmetic_eval_tasks(1)).sample(requests)
     prompts = [renderer.prompt(t.messages) for t in tasks]
     seeds = [request_seed(0, f"1-{i}", 0, 0) for i in range(requests)]
-    # The engine's own arguments and threads, with its weights read from the model directory.
-    offline_spec = replace(workers.engines.engine_spec(0), model_path=model_path, load_format="auto")
-    offline = ray.remote(num_cpus=0)(OfflineEngine).remote(offline_spec)
-    try:
-        offline_s = min(ray.get(offline.generate.remote(prompts, length, seeds)) for _ in range(repeats + 1))
-    finally:
-        ray.kill(offline)
     config = load_config(None, [f"model.path={model_path}", "rollout.n_samples=1", f"rollout.token_budgets.arithmetic={length}",
                                 "rollout.ignore_eos=true"])
     workers.weight_sync.push(0)
     engine = workers.engines.engines[0]
+    # The engine's own arguments and threads, with its weights read from the model directory.
+    offline_spec = replace(workers.engines.engine_spec(0), model_path=model_path, load_format="auto")
+    offline = ray.remote(num_cpus=0)(OfflineEngine).remote(offline_spec)
+    manager = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
 
     def engine_call(round_: int) -> float:
         requests = [GenerationRequest(f"bench-{round_}-{index}", tuple(prompt), length, 1.0, seed=seed, ignore_eos=True)
@@ -153,15 +149,23 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
         ray.get(list(engine.generate.remote(requests)))
         return time.perf_counter() - started
 
-    engine_call_s = min(engine_call(round_) for round_ in range(repeats + 1))
-    manager = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
-    timings = []
-    for round_ in range(repeats + 1):
+    def rollout_layer(round_: int) -> float:
         started = time.perf_counter()
         manager.collect(tasks, step=1 + round_, temperature=1.0, policy_version=0)
-        timings.append(time.perf_counter() - started)
-    manager.close()
-    return OverheadResult(requests, length, offline_s, engine_call_s, min(timings[1:]))
+        return time.perf_counter() - started
+
+    try:
+        rounds = [(ray.get(offline.generate.remote(prompts, length, seeds)), engine_call(round_), rollout_layer(round_))
+                  for round_ in range(repeats + 1)][1:]
+    finally:
+        manager.close()
+        ray.kill(offline)
+    offline_s, engine_s, layer_s = (statistics.median(times) for times in zip(*rounds))
+    return OverheadResult(
+        requests, length, len(rounds), offline_s, engine_s, layer_s,
+        ratio=statistics.median(layer / off for off, _, layer in rounds),
+        engine_call_ratio=statistics.median(call / off for off, call, _ in rounds),
+    )
 
 
 def partial_tasks(path: Path, count: int, long_share: float) -> Path:
