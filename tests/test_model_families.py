@@ -216,6 +216,9 @@ _SMALL_RUN = [
     "rollout.default_token_budget=16",
     "rollout.token_budgets.arithmetic=16",
     "reward.budget_penalty=-1.0",
+    # Random weights at temperature 1: some responses end before their budget and some are cut,
+    # which the checks on truncated_frac need.
+    "rollout.temperature=1.0",
 ]
 
 
