@@ -192,13 +192,16 @@ class Baseline:
         self.loss = get_loss("k2")(LossSettings(tau=config.trainer.tau))
         self.sampler = PromptSampler(None, config.seed, arithmetic_eval_tasks(1))
         self.scorer = RewardScorer(0)
+        # The same temperature at each step as k2rl's side (a schedule decays with the steps done).
+        self.temperature = Schedule.parse(config.rollout.temperature, "rollout.temperature")
+        self.steps_done = 0
 
     def step(self) -> tuple[float, float, float]:
         """One RL step; returns its total, rollout and train seconds."""
         config = self.config
         tasks = self.sampler.sample(config.data.prompts_per_step)
         length = config.rollout.token_budgets["arithmetic"]
-        temperature = Schedule.parse(config.rollout.temperature, "rollout.temperature").at(0)
+        temperature = self.temperature.at(self.steps_done)
         started = time.perf_counter()
         prompts = [self.tokenizer.apply_chat_template(list(t.messages), add_generation_prompt=True, tokenize=False)
                    for t in tasks for _ in range(config.rollout.n_samples)]
@@ -221,6 +224,7 @@ class Baseline:
             samples.append(TrainSample(prompt + response, len(prompt), [1] * n, [0.0] * n, [temperature] * n, [0] * n, advantages[row]))
         scored = time.perf_counter()
         self._train(samples)
+        self.steps_done += 1
         return time.perf_counter() - started, rolled - started, time.perf_counter() - scored
 
     def _train(self, samples: list[TrainSample]) -> None:
