@@ -117,7 +117,10 @@ class RolloutConfig:
     # Generate every response to its token budget, ignoring the end of sequence (benchmarks that
     # must compare equal work).
     ignore_eos: bool = False
-    num_engines: int = 1
+    # Two: on CPU an engine's per-step work (scheduling, sampling, the many small kernels of a small
+    # model) runs on one core, so at the default size two engines of one thread each generate about
+    # 1.5x faster than one engine of two threads (docs/BENCHMARKS.md). On GPU, one per GPU set aside.
+    num_engines: int = 2
     # vLLM tensor parallelism inside each engine (GPU only); each worker takes its shards of the
     # full tensors the checkpoint engine writes.
     tensor_parallel_size: int = 1

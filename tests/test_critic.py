@@ -167,7 +167,7 @@ def test_two_iterations_with_critic_refinement_then_the_trained_policy_scores_gr
         "steps=2", "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=4", "data.eval_every=1",
         f"data.train_path={tasks}", f"data.eval_path={tasks}", "rollout.max_model_len=512",
         "rollout.token_budgets={arithmetic: 24, critique: 8}", "reward.critic.share=0.5", "reward.critic.heldout_pairs=3",
-        "trainer.data_parallel_size=1", "trainer.micro_batch_size=2", "trainer.optimizer_steps_per_batch=2", "checkpoint.every=2", f"model.path={critic_policy}",
+        "trainer.data_parallel_size=1", "rollout.num_engines=1", "trainer.micro_batch_size=2", "trainer.optimizer_steps_per_batch=2", "checkpoint.every=2", f"model.path={critic_policy}",
     ])
     summary = Controller(config, tmp_path / "run").run(str(critic_policy))
     assert summary.weight_version == 2

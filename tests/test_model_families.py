@@ -219,6 +219,7 @@ _SMALL_RUN = [
     # Random weights at temperature 1: some responses end before their budget and some are cut,
     # which the checks on truncated_frac need.
     "rollout.temperature=1.0",
+    "rollout.num_engines=1",
 ]
 
 

@@ -22,7 +22,7 @@ def _start(tiny_policy, run_dir: Path, marker: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rl.cli", "train", f"model.path={tiny_policy}", "steps=50", "data.prompts_per_step=4",
          "rollout.n_samples=4", "data.eval_size=4", "data.eval_every=100", "trainer.micro_batch_size=4",
-         "checkpoint.every=0", "trainer.data_parallel_size=1", "model.dtype=bfloat16", "reward.budget_penalty=-1.0", f"--run-dir={run_dir}"],
+         "checkpoint.every=0", "trainer.data_parallel_size=1", "rollout.num_engines=1", "model.dtype=bfloat16", "reward.budget_penalty=-1.0", f"--run-dir={run_dir}"],
         env={**os.environ, "K2RL_TEST_RUN": marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
