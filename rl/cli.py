@@ -253,7 +253,11 @@ def cmd_bench_rollout(ns: argparse.Namespace) -> int:
         model = require_model_dir(ns.model, "--model") if ns.model else str(ensure_default_policy())
     except ConfigError as error:
         return _fail(str(error))
-    bench = run_rollout_bench(model, ns.requests, ns.length, ns.repeats, ns.steps, ns.warmup)
+    try:
+        bench = run_rollout_bench(model, ns.requests, ns.length, ns.repeats, ns.steps, ns.warmup,
+                                  overrides=tuple(ns.overrides))
+    except ConfigError as error:
+        return _fail(str(error))
     print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
     return 0
 
@@ -356,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_rollout.add_argument("--steps", type=int, default=6, help="steady-state steps of each partial-rollout side (default 6)")
     bench_rollout.add_argument("--warmup", type=int, default=6, help="steps before those, while the long episodes fill the buffer (default 6)")
     bench_rollout.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_rollout.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE for the engine (e.g. rollout.cpu_threads=1)")
     bench_rollout.set_defaults(handler=cmd_bench_rollout)
     return parser
 

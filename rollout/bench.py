@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from rl.config import RunConfig, load_config
+from rl.config import ConfigError, RunConfig, load_config
 
 
 @dataclass
@@ -183,20 +183,20 @@ def partial_tasks(path: Path, count: int, long_share: float) -> Path:
 
 
 def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: int, episode_budget: int,
-                   micro_batch_size: int = 8) -> RunConfig:
+                   micro_batch_size: int = 8, overrides: tuple[str, ...] = ()) -> RunConfig:
     return load_config(None, [
-        f"model.path={model_path}", f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.eval_size=1",
+        f"model.path={model_path}", "rollout.num_engines=1", f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.eval_size=1",
         f"data.eval_every={steps}", f"steps={steps}", "data.prompts_per_step=8", "rollout.n_samples=4",
         f"rollout.token_budgets.short={short}", f"rollout.token_budgets.long={long}", "rollout.ignore_eos=true",
         f"rollout.max_model_len={long + 96}", f"rollout.partial.max_episode_tokens_per_step={episode_budget}",
         "rollout.partial.max_staleness=8", "checkpoint.every=0", f"trainer.micro_batch_size={micro_batch_size}",
         # Equal work on both sides: every sample is trained on, whatever its advantage.
-        "trainer.skip_zero_advantage=false",
+        "trainer.skip_zero_advantage=false", *overrides,
     ])
 
 
 def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int, long_share: float, steps: int,
-                    warmup: int) -> PartialResult:
+                    warmup: int, overrides: tuple[str, ...] = ()) -> PartialResult:
     """Steady-state steps without and with partial rollout, each a run on `workers`."""
     from rl.loop import Controller
 
@@ -208,7 +208,7 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
         for side_budget in (0, budget):
             run_dir = Path(scratch) / f"run-{side_budget}"
             config = partial_config(model_path, tasks, short, long, warmup + steps, side_budget,
-                                    workers.config.trainer.micro_batch_size)
+                                    workers.config.trainer.micro_batch_size, overrides)
             Controller(config, run_dir).run(model_path, workers=workers)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
             step = statistics.mean(row["time_step_s"] for row in rows)
@@ -223,12 +223,17 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
 
 
 def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int, steps: int, warmup: int,
-                      workers=None) -> RolloutBench:
+                      workers=None, overrides: tuple[str, ...] = ()) -> RolloutBench:
     """Both measurements on one set of workers: started here (on a Ray cluster of its own), or
-    `workers` already running for `model_path` (then with their trainer's micro-batch size)."""
+    `workers` already running for `model_path` (then with their trainer's micro-batch size).
+    `overrides` (KEY=VALUE) change the workers' and the partial-rollout runs' config."""
     from rl.cluster.ray_session import ray_session
     from rl.cluster.workers import Workers
 
+    # The overhead compares the rollout layer over one engine with one offline `LLM`.
+    engines = load_config(None, ["rollout.num_engines=1", *overrides]).rollout.num_engines
+    if engines != 1:
+        raise ConfigError(f"k2rl bench rollout compares one engine with one offline LLM: rollout.num_engines must stay 1, got {engines}")
     short, long, long_share = 16, 160, 0.125
     with ray_session(), tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
         # As many tasks as prompts per step: every step plays the same mix, one long group in eight.
@@ -236,10 +241,10 @@ def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int,
         # Each run of a partial-rollout side starts the workers' trainer from the model again.
         own_workers = workers is None
         if own_workers:
-            workers = Workers.start(partial_config(model_path, tasks, short, long, 1, 0), model_path)
+            workers = Workers.start(partial_config(model_path, tasks, short, long, 1, 0, overrides=overrides), model_path)
         try:
             overhead = measure_overhead(workers, model_path, requests, length, repeats)
-            partial = measure_partial(workers, model_path, tasks, short, long, long_share, steps, warmup)
+            partial = measure_partial(workers, model_path, tasks, short, long, long_share, steps, warmup, overrides)
         finally:
             if own_workers:
                 workers.shutdown()

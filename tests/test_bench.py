@@ -39,6 +39,8 @@ def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, tiny_
 def test_a_bad_bench_override_is_one_line(tiny_policy, capsys):
     assert main(["bench", "step", f"--model={tiny_policy}", "rollout.no_such_key=1"]) == 2
     assert "rollout.no_such_key" in capsys.readouterr().err
+    assert main(["bench", "rollout", f"--model={tiny_policy}", "rollout.num_engines=2"]) == 2
+    assert "rollout.num_engines must stay 1" in capsys.readouterr().err
 
 
 def test_a_bench_size_that_does_not_fit_is_one_line():
