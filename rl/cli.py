@@ -251,9 +251,6 @@ def cmd_bench_rollout(ns: argparse.Namespace) -> int:
             return _fail(f"{flag} must be > 0, got {value}")
     try:
         model = require_model_dir(ns.model, "--model") if ns.model else str(ensure_default_policy())
-    except ConfigError as error:
-        return _fail(str(error))
-    try:
         bench = run_rollout_bench(model, ns.requests, ns.length, ns.repeats, ns.steps, ns.warmup,
                                   overrides=tuple(ns.overrides))
     except ConfigError as error:
