@@ -191,7 +191,9 @@ class RolloutEngine:
         the same requests then form the same batches, whatever the timing of their arrival.
         """
         self._require_weights()
-        await self._llm.pause_generation(mode="keep", clear_cache=False)
+        # The engine core's pause itself: AsyncLLM.pause_generation then sleeps 20 ms so that outputs
+        # already sent reach their callers first, an ordering nothing here needs, on every call.
+        await self._llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
         try:
             added = [asyncio.Event() for _ in requests]
             pending = [asyncio.ensure_future(self._generate_one(r, self._params(r), a)) for r, a in zip(requests, added)]
