@@ -3,7 +3,8 @@
 Overhead: the same requests (arithmetic prompts, every response forced to the same length,
 the same seeds) through the whole rollout layer (RolloutManager -> EnginePool -> the engine actor's
 AsyncLLM, episodes, rendering, scoring) against vLLM's offline `LLM.generate` in an actor of its
-own with the same engine arguments. Goal: at most 1.10x. Beside it, the same requests in one
+own with the same engine arguments, both computing with the CPU threads that each engine of the
+default run has on this machine (`rollout.cpu_threads` overrides it). Goal: at most 1.10x. Beside it, the same requests in one
 streaming call to the engine actor, which splits the overhead into the engine's (its async engine
 runs the engine core in a process of its own) and the rest of the rollout layer's. Each round
 times the three back to back; the figures are medians over the rounds.
@@ -18,6 +19,7 @@ partial rollout the buffer size and the tokens masked as stale.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -34,6 +36,8 @@ class OverheadResult:
     requests: int
     tokens_per_request: int
     rounds: int
+    # Each side's torch threads on CPU (0: on GPU, vLLM's choice).
+    engine_threads: int
     offline_s: float
     # The same requests in one streaming call to the engine actor from the driver: the async
     # engine, its engine-core process and Ray, without the rollout layer's episodes and scoring.
@@ -83,7 +87,8 @@ class RolloutBench:
         o, p = self.overhead, self.partial
         return "\n".join([
             f"rollout layer vs offline LLM.generate: {o.requests} requests x {o.tokens_per_request} tokens, medians of "
-            f"{o.rounds} rounds: {o.rollout_layer_s:.2f} s vs {o.offline_s:.2f} s, {o.ratio:.2f}x (goal <= 1.10x)",
+            f"{o.rounds} rounds: {o.rollout_layer_s:.2f} s vs {o.offline_s:.2f} s, {o.ratio:.2f}x (goal <= 1.10x)"
+            + (f"; one engine of {o.engine_threads} CPU thread(s) on each side" if o.engine_threads else ""),
             f"  of which the engine call alone (async engine + Ray, no episodes or scoring): {o.engine_call_s:.2f} s, "
             f"{o.engine_call_ratio:.2f}x",
             f"partial rollout: {1 - p.long_share:.0%} of tasks answer in {p.short_tokens} tokens, {p.long_share:.0%} in "
@@ -162,7 +167,7 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
         ray.kill(offline)
     offline_s, engine_s, layer_s = (statistics.median(times) for times in zip(*rounds))
     return OverheadResult(
-        requests, length, len(rounds), offline_s, engine_s, layer_s,
+        requests, length, len(rounds), offline_spec.cpu_threads, offline_s, engine_s, layer_s,
         ratio=statistics.median(layer / off for off, _, layer in rounds),
         engine_call_ratio=statistics.median(call / off for off, call, _ in rounds),
     )
@@ -222,6 +227,15 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
     return PartialResult(short, long, long_share, budget, sides[0], sides[1])
 
 
+def default_engine_threads() -> int:
+    """The CPU threads each engine of the default run has on this machine: its cores shared among
+    the default's engines (what `rollout.cpu_threads: 0` gives them)."""
+    from rl.cluster.placement import shared_cores
+
+    engines = RunConfig().rollout.num_engines
+    return shared_cores(["local"] * engines, {"local": os.cpu_count() or 1}, 0)
+
+
 def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int, steps: int, warmup: int,
                       workers=None, overrides: tuple[str, ...] = ()) -> RolloutBench:
     """Both measurements on one set of workers: started here (on a Ray cluster of its own), or
@@ -230,8 +244,10 @@ def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int,
     from rl.cluster.ray_session import ray_session
     from rl.cluster.workers import Workers
 
-    # The overhead compares the rollout layer over one engine with one offline `LLM`.
-    engines = load_config(None, ["rollout.num_engines=1", *overrides]).rollout.num_engines
+    # The overhead compares the rollout layer over one engine with one offline `LLM`, each computing
+    # as one engine of the default run does on this machine: with its share of the cores.
+    overrides = (f"rollout.cpu_threads={default_engine_threads()}", "rollout.num_engines=1", *overrides)
+    engines = load_config(None, overrides).rollout.num_engines
     if engines != 1:
         raise ConfigError(f"k2rl bench rollout compares one engine with one offline LLM: rollout.num_engines must stay 1, got {engines}")
     short, long, long_share = 16, 160, 0.125
