@@ -33,6 +33,8 @@ def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, tiny_
     bench = run_rollout_bench(str(tiny_policy), requests=4, length=4, repeats=1, steps=1, warmup=0, workers=tiny_workers)
     report = json.loads(json.dumps(bench.to_dict()))
     assert report["overhead"]["ratio"] > 0 and report["overhead"]["engine_call_ratio"] > 0 and report["partial"]["speedup"] > 0
+    # Both sides compute with the threads of the engine measured, and the report says how many.
+    assert report["overhead"]["engine_threads"] == tiny_workers.engines.engine_spec(0).cpu_threads
     assert "partial" in bench.describe()
 
 
