@@ -4,10 +4,10 @@ Overhead: the same requests (arithmetic prompts, every response forced to the sa
 the same seeds) through the whole rollout layer (RolloutManager -> EnginePool -> the engine actor's
 AsyncLLM, episodes, rendering, scoring) against vLLM's offline `LLM.generate` in an actor of its
 own with the same engine arguments, both computing with the CPU threads that each engine of the
-default run has on this machine (`rollout.cpu_threads` overrides it). Goal: at most 1.10x. Beside it, the same requests in one
-streaming call to the engine actor, which splits the overhead into the engine's (its async engine
-runs the engine core in a process of its own) and the rest of the rollout layer's. Each round
-times the three back to back; the figures are medians over the rounds.
+default run has on this machine (`rollout.cpu_threads` overrides it). Goal: at most 1.10x. Beside
+it, the same requests in one streaming call to the engine actor, which splits the overhead into the
+engine's (its async engine runs the engine core in a process of its own) and the rest of the
+rollout layer's. Each round times the three back to back; the figures are medians over the rounds.
 
 Partial rollout: steady-state steps of the whole loop on a task mix with a long tail (most tasks
 answer in a few tokens, a few at a long budget; every response runs to its task's budget), with
