@@ -175,6 +175,10 @@ class RolloutManager:
             generated_at.append(time.perf_counter())
             if trajectory.status not in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED):
                 return
+            # Episodes whose results arrived together all end before any of them is scored: scoring
+            # in this thread would otherwise delay the later ones' ends, and time_reward_s would
+            # count it as generation.
+            await asyncio.sleep(0)
             if not trajectory.task.reward or not is_group_reward(get_reward(trajectory.task.reward)):
                 trajectory.reward = await self.scorer.score_episode(trajectory, self.config.reward.budget_penalty)
                 return

@@ -21,6 +21,8 @@ policy writing from there to its end-of-sequence token.
 
 from __future__ import annotations
 
+import functools
+import json
 from functools import cached_property
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -43,6 +45,8 @@ class Renderer:
         if tokenizer.eos_token_id is None:
             raise RenderError("the model's tokenizer has no end-of-sequence token, so a turn could never end")
         self.eos_token_id = tokenizer.eos_token_id
+        # The K episodes of a group, and every evaluation, start from the same conversations.
+        self._prompt_ids = functools.lru_cache(maxsize=8192)(self._render_prompt)
 
     @classmethod
     def from_pretrained(cls, model_path: str, prompt_format: str = "auto") -> Renderer:
@@ -50,9 +54,12 @@ class Renderer:
 
     def prompt(self, messages: list[dict[str, str]] | tuple[dict[str, str], ...]) -> list[int]:
         """The token ids of a conversation up to the policy's first generation."""
-        ids = self._encode(self._text(list(messages), add_generation_prompt=True))
+        return list(self._prompt_ids(json.dumps(list(messages), sort_keys=True)))
+
+    def _render_prompt(self, conversation: str) -> tuple[int, ...]:
+        ids = self._encode(self._text(json.loads(conversation), add_generation_prompt=True))
         # A chat template writes its own beginning-of-sequence token; the plain format needs the tokenizer's.
-        return ids if self.chat else self._bos + ids
+        return tuple(ids if self.chat else self._bos + ids)
 
     def bridge(self, messages: list[dict[str, str]]) -> list[int]:
         """Tokens to append after the policy's end-of-turn token so that `messages` follow and the
