@@ -221,12 +221,13 @@ class RolloutEngine:
 
         Compared with the trainer's logprobs to check that a weight update landed.
         """
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
+        from vllm.inputs import tokens_input
 
         self._require_weights()
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
         request_id = f"logprobs-{os.urandom(6).hex()}"
-        async for output in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id=request_id):
+        async for output in self._llm.generate(tokens_input(token_ids), params, request_id=request_id):
             final = output
         return [step[token].logprob for step, token in zip(final.prompt_logprobs[1:], token_ids[1:])]
 
@@ -292,7 +293,7 @@ class RolloutEngine:
         )
 
     async def _generate_one(self, request: GenerationRequest, params, added: asyncio.Event | None = None) -> GenerationResult:
-        from vllm import TokensPrompt
+        from vllm.inputs import tokens_input
 
         version = self.weight_version
         if request.count_tokens and self._budget_spent():
@@ -303,7 +304,9 @@ class RolloutEngine:
         if request.count_tokens:
             self._counted_running.add(request.request_id)
         try:
-            collector = await self._llm.add_request(request.request_id, TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params)
+            # Token ids as an engine input: a raw prompt would be rendered on vLLM's thread pool, a
+            # thread hop per request while the engine's scheduler waits for the batch.
+            collector = await self._llm.add_request(request.request_id, tokens_input(list(request.prompt_ids)), params)
         except BaseException:
             self._running.discard(request.request_id)
             self._counted_running.discard(request.request_id)
