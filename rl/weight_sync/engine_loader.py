@@ -57,7 +57,11 @@ class WeightSyncLoader:
             layer._cpu_skip_gemm_dispatch = True
             if _onednn_handle(layer) is None:
                 # Another packed kernel: plain torch linear until `k2rl_pack_weights` dispatches anew.
+                # The AMX kernel vLLM uses for 16-bit weights keeps the bias in float32, which torch's
+                # linear does not take beside a bfloat16 weight.
                 layer.cpu_linear = torch.nn.functional.linear
+                if getattr(layer, "bias", None) is not None:
+                    layer.bias.data = layer.bias.data.to(layer.weight.dtype)
             changed += 1
         if changed and reload_from_disk:
             self.model_runner.reload_weights()
