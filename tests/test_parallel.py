@@ -56,7 +56,14 @@ def _unsharded_update(policy: Path, state: dict[str, torch.Tensor]) -> dict[str,
     model = AutoModelForCausalLM.from_pretrained(policy)
     for name, param in model.named_parameters():
         param.grad = state[f"{name}.grad"]
-    MuonWithAdamW(model, _config(1, 1)).step()
+    # With the ranks' one thread: on CPUs with bfloat16 matrix instructions (AMX, AVX512-BF16),
+    # Newton-Schulz's bfloat16 products round differently when split over more threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        MuonWithAdamW(model, _config(1, 1)).step()
+    finally:
+        torch.set_num_threads(threads)
     return {name: param.detach() for name, param in model.named_parameters()}
 
 
