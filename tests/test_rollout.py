@@ -10,9 +10,9 @@ import torch
 
 from conftest import TINY_WORKERS
 
-from rewards import RewardScorer
+from rewards import RewardScorer, register
 from rl.config import load_config
-from rl.records import EpisodeStatus, Task
+from rl.records import EpisodeStatus, RewardResult, Task
 from rollout.manager import RolloutManager
 from rollout.rendering import Renderer
 
@@ -69,6 +69,32 @@ def test_a_multi_turn_episode_is_exactly_what_the_engine_and_the_environment_wro
     rollout = torch.tensor(episode.logprobs)
     assert (engine[positions][generated] - rollout[generated]).abs().max() < 1e-4
     assert (trainer[positions][generated] - rollout[generated]).abs().max() < 1e-3
+
+
+SCORING_S = 0.05
+
+
+@register("test-slow-to-score")
+def _slow_to_score(task: Task, response: str) -> RewardResult:
+    time.sleep(SCORING_S)
+    return RewardResult(1.0, "scored")
+
+
+def test_scoring_after_episodes_that_end_together_counts_as_reward_time(workers, tiny_policy):
+    """Responses of one length end in the same engine step; all of their scoring comes after the
+    generation, and time_reward_s says so."""
+    _, started = workers
+    config = load_config(None, [f"model.path={tiny_policy}", *TINY_WORKERS, "rollout.n_samples=4", "rollout.ignore_eos=true",
+                                "rollout.token_budgets.slow=8"])
+    task = Task("slow", ({"role": "user", "content": "2 + 3?"},), "slow", reward="test-slow-to-score")
+    manager = _manager(config, started, tiny_policy)
+    try:
+        rollout = manager.collect([task] * 2, step=1, temperature=1.0, policy_version=0)
+    finally:
+        manager.close()
+    # Every response ran to its budget of 8 tokens (truncated), and the reward still scored it.
+    assert [t.reward.components["task_reward"] for t in rollout.trajectories] == [1.0] * 8
+    assert rollout.time_reward_s >= 8 * SCORING_S
 
 
 def test_an_engine_killed_mid_rollout_loses_no_episode_and_leaves_no_engine_core(workers, tiny_policy):
