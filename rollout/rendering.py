@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-from functools import cached_property
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -90,7 +89,7 @@ class Renderer:
     def _plain(self, messages: list[dict[str, str]]) -> str:
         return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
 
-    @cached_property
+    @functools.cached_property
     def _bos(self) -> list[int]:
         """A beginning-of-sequence token the tokenizer would add to a whole prompt, if any (Llama)."""
         ids = self.tokenizer("", add_special_tokens=True)["input_ids"]
