@@ -77,6 +77,11 @@ class WeightSyncLoader:
         for layer in self.model_runner.get_model().modules():
             if not getattr(layer, "_cpu_skip_gemm_dispatch", False):
                 continue
+            if not packed:
+                # vLLM's AMX kernel for 16-bit weights assumes that this process may use AMX tiles,
+                # which Linux grants on request. oneDNN asks at its first AMX product; packed layers
+                # that run before any (an engine that read its weights from disk) die of SIGILL.
+                torch._C._cpu._init_amx()
             handle = _onednn_handle(layer)
             if handle is None:
                 dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
