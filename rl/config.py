@@ -34,8 +34,9 @@ class ModelConfig:
     # tool-use (python-tool episodes in its SFT).
     embedded: str = "default"
     # The engines compute in this dtype; the trainer keeps float32 master weights and optimizer
-    # state and computes in it (FSDP2 mixed precision).
-    dtype: str = "float32"
+    # state and computes in it (FSDP2 mixed precision). "auto": bfloat16 on GPUs and on CPUs with
+    # AMX, float32 on other CPUs (rl/cluster/placement.py, `resolve_dtype`).
+    dtype: str = "auto"
     # How messages become tokens: "chat" (the tokenizer's chat template), "plain" (rollout/rendering.py's
     # "User: ...\nAssistant:" format, for models without a template), or "auto" (chat when the tokenizer has one).
     prompt_format: str = "auto"
@@ -399,8 +400,8 @@ class RunConfig:
             raise ConfigError(
                 f"trainer.qk_clip_threshold must be >= 0 (0 turns QK-Clip off), got {self.trainer.qk_clip_threshold}"
             )
-        if self.model.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
+        if self.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
         batch = self.data.prompts_per_step * self.rollout.n_samples
         shards = self.trainer.data_parallel_size * self.trainer.optimizer_steps_per_batch
         if batch % shards:

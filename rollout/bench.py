@@ -202,7 +202,7 @@ def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: i
 
 def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int, long_share: float, steps: int,
                     warmup: int, overrides: tuple[str, ...] = ()) -> PartialResult:
-    """Steady-state steps without and with partial rollout, each a run on `workers`."""
+    """Steady-state steps without and with partial rollout, each a run on `workers` (in their dtype)."""
     from rl.loop import Controller
 
     # An episode pauses after twice a short answer: every step's generation ends there, and the long
@@ -213,7 +213,7 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
         for side_budget in (0, budget):
             run_dir = Path(scratch) / f"run-{side_budget}"
             config = partial_config(model_path, tasks, short, long, warmup + steps, side_budget,
-                                    workers.config.trainer.micro_batch_size, overrides)
+                                    workers.config.trainer.micro_batch_size, (f"model.dtype={workers.config.model.dtype}", *overrides))
             Controller(config, run_dir).run(model_path, workers=workers)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
             step = statistics.mean(row["time_step_s"] for row in rows)

@@ -97,8 +97,10 @@ class ModelCritic(PolicyCritic):
         from transformers import AutoConfig
 
         from rl.cluster.engine_pool import EnginePool, EngineStartError
+        from rl.cluster.placement import resolve_dtype
 
         check_model_dir(model_dir)
+        run_config = resolve_dtype(run_config)
         # A longer context than the model was built for would not start.
         max_model_len = min(max_model_len, getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", max_model_len))
 

@@ -57,7 +57,10 @@ def ray_cluster():
 # The actors of the shared `tiny_workers`: a run given them may change anything but these (and
 # what Workers.serve checks). One engine of one thread, as the session's one-CPU nodes give by
 # default, so that a run of the same settings on a cluster of its own samples exactly the same tokens.
-TINY_WORKERS = ["trainer.micro_batch_size=4", "rollout.max_model_len=256", "rollout.num_engines=1", "rollout.cpu_threads=1"]
+# float32 on every machine: the suite's bounds on the trainer-engine logprob gap are float32's, and
+# `model.dtype: auto` would pick bfloat16 on a CPU with AMX.
+TINY_WORKERS = ["trainer.micro_batch_size=4", "rollout.max_model_len=256", "rollout.num_engines=1", "rollout.cpu_threads=1",
+                "model.dtype=float32"]
 
 
 @pytest.fixture(scope="session")

@@ -220,6 +220,8 @@ _SMALL_RUN = [
     # which the checks on truncated_frac need.
     "rollout.temperature=1.0",
     "rollout.num_engines=1",
+    # The logprob-gap bounds below are float32's; auto would pick bfloat16 on a CPU with AMX.
+    "model.dtype=float32",
 ]
 
 

@@ -37,3 +37,23 @@ def test_an_engine_batches_as_many_requests_as_the_rollout_runs_at_once(tiny_pol
     config = load_config(None, [f"model.path={tiny_policy}", "rollout.max_concurrent_episodes=300"])
     spec = run_engine_spec(config, str(tiny_policy), sleep_between_rollouts=False)
     assert AsyncEngineArgs(**engine_arguments(spec)).create_engine_config().scheduler_config.max_num_seqs == 300
+
+
+def test_auto_dtype_is_bfloat16_where_the_devices_multiply_in_it(monkeypatch):
+    """GPUs (in the Ray cluster, or locally outside Ray), or a CPU with AMX tiles; every other CPU keeps float32."""
+    import ray
+    import torch
+
+    from rl.cluster.placement import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for in_ray in (False, True):
+        monkeypatch.setattr(ray, "is_initialized", lambda in_ray=in_ray: in_ray)
+        for gpus, amx, expected in ((0, False, "float32"), (0, True, "bfloat16"), (1, False, "bfloat16")):
+            monkeypatch.setattr(ray, "cluster_resources", lambda gpus=gpus: {"CPU": 2, "GPU": gpus} if gpus else {"CPU": 2})
+            if not in_ray:
+                monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+            assert resolve_dtype(load_config()).model.dtype == expected, (in_ray, gpus, amx)
+    for chosen in ("float32", "bfloat16", "float16"):
+        assert resolve_dtype(load_config(None, [f"model.dtype={chosen}"])).model.dtype == chosen

@@ -40,6 +40,8 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
             "trainer.qk_clip_threshold=50.0",
             "weight_sync.bucket_mb=0.05",  # 52 KB: smaller than the embedding and the head
             "weight_sync.timeout_s=60",
+            # The logprob-gap bounds below are float32's; auto would pick bfloat16 on a CPU with AMX.
+            "model.dtype=float32",
             f"model.path={tiny_policy}",
         ],
     )

@@ -9,7 +9,10 @@ so that every engine has a trainer rank on its node to serve it weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -17,6 +20,19 @@ from rl.config import ConfigError, RunConfig
 
 # A CPU bundle reserves next to nothing: the actors share the cores.
 _CPU_BUNDLE = {"CPU": 0.001}
+
+
+def resolve_dtype(config: RunConfig) -> RunConfig:
+    """`config` with `model.dtype: auto` made concrete: bfloat16 where the cluster's devices multiply
+    in it natively (GPUs, and CPUs with AMX, whose tiles vLLM's CPU kernels and torch's matrix
+    products use), float32 on other CPUs, where bfloat16 is emulated and slower. On a CPU cluster
+    the driver's CPU speaks for the nodes. Resolved once, before any actor starts, so that engines
+    and trainer agree and the run's saved config names the dtype it trained in."""
+    if config.model.dtype != "auto":
+        return config
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
+    native = bool(gpus) or torch.cpu._is_amx_tile_supported()
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16" if native else "float32"))
 
 
 class Placement:
