@@ -3,7 +3,8 @@
 The baseline is the strong simple loop a TRL user gets: one process, every core's threads, one
 batched Hugging Face `generate` with its KV cache for the rollout, then the same loss (K2's) and
 optimizer (`trainer.optimizer`, AdamW by default) on the same micro-batches. Both sides sample the
-same prompts, and every response is forced to the same length (`ignore_eos`), so they do equal work.
+same prompts, and every response is forced to the same length (`ignore_eos`), so they do equal work,
+in the same dtype (`model.dtype`; auto picks bfloat16 on a CPU with AMX, float32 on others).
 
 Two sizes: the embedded default policy, and a larger Qwen2-shaped model of random weights (about
 60 M parameters) built with the default policy's tokenizer. Each side runs `warmup` untimed steps,
@@ -63,6 +64,7 @@ class Side:
 class SizeResult:
     size: str
     parameters: int
+    dtype: str
     completions_per_step: int
     response_tokens: int
     k2rl: Side
@@ -88,8 +90,8 @@ class StepBench:
         lines = []
         for size in self.sizes:
             lines.append(
-                f"{size.size}: {size.parameters / 1e6:.1f} M parameters, {size.completions_per_step} completions of "
-                f"{size.response_tokens} tokens per step"
+                f"{size.size}: {size.parameters / 1e6:.1f} M parameters in {size.dtype}, {size.completions_per_step} "
+                f"completions of {size.response_tokens} tokens per step"
             )
             lines.append(f"  {'':10}{'step s':>8}{'compl/s':>9}{'tok/s':>9}{'rollout tok/s':>15}{'train tok/s':>13}")
             for name, side in (("k2rl", size.k2rl), ("baseline", size.baseline)):
@@ -178,14 +180,23 @@ def run_k2rl(config: RunConfig, model_path: str, warmup: int) -> Side:
 
 
 class Baseline:
-    """The single-process loop: Hugging Face generate, then the same loss and optimizer."""
+    """The single-process loop: Hugging Face generate, then the same loss and optimizer.
+
+    In `model.dtype`, as k2rl's side: float32 master weights for the optimizer, the train phase's
+    forward and backward under torch's autocast (a TRL user's `bf16=True`), and generation by a
+    copy of the model in that dtype, refreshed from the master weights before each rollout (the
+    single-process form of k2rl's weight sync; its cost counts as rollout)."""
 
     def __init__(self, config: RunConfig, model_path: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(os.cpu_count() or 1)
         self.config = config
+        self.compute_dtype = getattr(torch, config.model.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.generator = self.model
+        if self.compute_dtype != torch.float32:
+            self.generator = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.compute_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
         self.optimizer = MuonWithAdamW(self.model, config.trainer)
@@ -207,7 +218,10 @@ class Baseline:
                    for t in tasks for _ in range(config.rollout.n_samples)]
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            output = self.model.generate(**batch, max_new_tokens=length, min_new_tokens=length, do_sample=True,
+            if self.generator is not self.model:
+                for target, source in zip(self.generator.parameters(), self.model.parameters(), strict=True):
+                    target.copy_(source)
+            output = self.generator.generate(**batch, max_new_tokens=length, min_new_tokens=length, do_sample=True,
                                          temperature=temperature, top_k=0, top_p=1.0, pad_token_id=self.tokenizer.pad_token_id)
         rolled = time.perf_counter()
         responses = output[:, batch["input_ids"].shape[1] :]
@@ -233,7 +247,8 @@ class Baseline:
         denominator = float(len(samples))
         for start in range(0, len(samples), micro):
             batch = MicroBatch.of(samples[start : start + micro], torch.device("cpu"))
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention).logits
+            with torch.autocast("cpu", dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention).logits
             logprobs = token_logprobs(logits, batch.input_ids, batch.temperatures)
             stale = torch.zeros_like(batch.loss_mask, dtype=torch.bool)
             output = self.loss(TokenBatch(logprobs, logprobs.detach(), batch.rollout_logprobs, batch.loss_mask, stale,
@@ -307,6 +322,7 @@ def built_in_sizes(names: list[str], scratch: Path) -> list[BenchSize]:
 def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int,
                    overrides: tuple[str, ...] = ()) -> StepBench:
     """Both sides at each size: k2rl first (on a Ray cluster of its own), then the baseline alone."""
+    from rl.cluster.placement import resolve_dtype
     from rl.cluster.ray_session import ray_session
 
     results = []
@@ -315,9 +331,11 @@ def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int,
         check_memory(parameters, size.name)
         config = bench_config(size.model_path, size.prompts, size.samples, length, warmup + steps, overrides)
         with ray_session():
+            # Both sides compute in the dtype k2rl picks for this machine.
+            config = resolve_dtype(config)
             k2rl = run_k2rl(config, size.model_path, warmup)
         baseline = run_baseline(config, size.model_path, warmup, steps)
-        results.append(SizeResult(size.name, parameters, size.prompts * size.samples, length, k2rl, baseline))
+        results.append(SizeResult(size.name, parameters, config.model.dtype, size.prompts * size.samples, length, k2rl, baseline))
     return StepBench(results)
 
 
