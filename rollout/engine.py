@@ -287,8 +287,13 @@ class RolloutEngine:
             seed=request.seed,
             ignore_eos=request.ignore_eos,
             logprobs=0 if request.temperature > 0 else None,
+            # Logprobs as flat lists: vLLM otherwise builds a dict and a record per generated token,
+            # in the actor that receives each engine step's outputs.
+            flat_logprobs=True,
             # Token ids are all the rollout layer reads: no text is made of them in the engine.
             detokenize=False,
+            # These parameters belong to this one request: the engine need not deep-copy them.
+            skip_clone=True,
             output_kind=RequestOutputKind.DELTA if request.count_tokens else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -324,7 +329,8 @@ class RolloutEngine:
                 sample = output.outputs[0]
                 new_ids = list(sample.token_ids)
                 token_ids += new_ids
-                logprobs += [s[t].logprob for s, t in zip(sample.logprobs, new_ids)] if sample.logprobs else [0.0] * len(new_ids)
+                # With logprobs=0 each position holds one entry, the sampled token's.
+                logprobs += [sample.logprobs.logprobs[i] for i in sample.logprobs.start_indices] if sample.logprobs else [0.0] * len(new_ids)
                 if request.count_tokens:
                     self._counted_tokens += len(new_ids)
                     if self._budget_spent() and self._counted_running:
