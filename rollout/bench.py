@@ -1,10 +1,13 @@
 """`k2rl bench rollout`: what the rollout layer costs, and what partial rollout saves, in one run.
 
-Overhead: the same requests (arithmetic prompts, every response forced to the same length,
-the same seeds) through the whole rollout layer (RolloutManager -> EnginePool -> the engine actor's
+Overhead: the same requests (arithmetic prompts, every response forced to the same length;
+each side's seeds its own) through the whole rollout layer (RolloutManager -> EnginePool -> the engine actor's
 AsyncLLM, episodes, rendering, scoring) against vLLM's offline `LLM.generate` in an actor of its
 own with the same engine arguments, both computing with the CPU threads that each engine of the
-default run has on this machine (`rollout.cpu_threads` overrides it). Goal: at most 1.10x. Beside
+default run has on this machine (`rollout.cpu_threads` overrides it). Both sides do the same work:
+the offline side's responses are decoded and scored with the same reward, in the driver, as the
+rollout layer scores its own (the responses all end in one engine step, so none of that scoring can
+hide behind generation on either side). Goal: at most 1.10x. Beside
 it, the same requests in one streaming call to the engine actor, which splits the overhead into the
 engine's (its async engine runs the engine core in a process of its own) and the rest of the
 rollout layer's. Each round times the three back to back; the figures are medians over the rounds.
@@ -38,7 +41,9 @@ class OverheadResult:
     rounds: int
     # Each side's torch threads on CPU (0: on GPU, vLLM's choice).
     engine_threads: int
+    # Offline generation, then decoding and scoring its responses (`offline_scoring_s` of it).
     offline_s: float
+    offline_scoring_s: float
     # The same requests in one streaming call to the engine actor from the driver: the async
     # engine, its engine-core process and Ray, without the rollout layer's episodes and scoring.
     engine_call_s: float
@@ -89,8 +94,9 @@ class RolloutBench:
             f"rollout layer vs offline LLM.generate: {o.requests} requests x {o.tokens_per_request} tokens, medians of "
             f"{o.rounds} rounds: {o.rollout_layer_s:.2f} s vs {o.offline_s:.2f} s, {o.ratio:.2f}x (goal <= 1.10x)"
             + (f"; one engine of {o.engine_threads} CPU thread(s) on each side" if o.engine_threads else ""),
-            f"  of which the engine call alone (async engine + Ray, no episodes or scoring): {o.engine_call_s:.2f} s, "
-            f"{o.engine_call_ratio:.2f}x",
+            f"  both sides score their responses: {o.offline_scoring_s:.2f} s of the offline side's time",
+            f"  the engine call alone (async engine + Ray, no episodes or scoring) against offline generation alone: "
+            f"{o.engine_call_s:.2f} s vs {o.offline_s - o.offline_scoring_s:.2f} s, {o.engine_call_ratio:.2f}x",
             f"partial rollout: {1 - p.long_share:.0%} of tasks answer in {p.short_tokens} tokens, {p.long_share:.0%} in "
             f"{p.long_tokens}; with partial rollout each episode generates at most {p.budget} tokens per step",
             f"  without: {p.without.step_s:.2f} s/step (rollout {p.without.rollout_s:.2f} s), {p.without.samples_per_step:.1f} samples/step, "
@@ -112,13 +118,14 @@ class OfflineEngine:
 
         self.llm = LLM(**engine_arguments(spec))
 
-    def generate(self, prompts: list[list[int]], max_tokens: int, seeds: list[int]) -> float:
+    def generate(self, prompts: list[list[int]], max_tokens: int, seeds: list[int]) -> tuple[float, list[list[int]]]:
+        """The seconds `LLM.generate` took, and each request's response token ids."""
         from vllm import SamplingParams, TokensPrompt
 
         params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, logprobs=0, detokenize=False) for seed in seeds]
         started = time.perf_counter()
-        self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return time.perf_counter() - started
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - started, [list(o.outputs[0].token_ids) for o in outputs]
 
 
 def measure_overhead(workers, model_path: str, requests: int, length: int, repeats: int) -> OverheadResult:
@@ -137,7 +144,6 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
     renderer = Renderer.from_pretrained(model_path)
     tasks = PromptSampler(None, 0, arithmetic_eval_tasks(1)).sample(requests)
     prompts = [renderer.prompt(t.messages) for t in tasks]
-    seeds = [request_seed(0, f"1-{i}", 0, 0) for i in range(requests)]
     config = load_config(None, [f"model.path={model_path}", "rollout.n_samples=1", f"rollout.token_budgets.arithmetic={length}",
                                 "rollout.ignore_eos=true"])
     workers.weight_sync.push(0)
@@ -145,11 +151,25 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
     # The engine's own arguments and threads, with its weights read from the model directory.
     offline_spec = replace(workers.engines.engine_spec(0), model_path=model_path, load_format="auto")
     offline = ray.remote(num_cpus=0)(OfflineEngine).remote(offline_spec)
-    manager = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
+    scorer = RewardScorer(0)
+    manager = RolloutManager(config, workers.engines, renderer, scorer)
+
+    def seeds(side: str, round_: int) -> list[int]:
+        """Seeds of a side's own in each round: as the rollout layer's do, each side's responses are
+        new to the reward's memo of parsed answers."""
+        return [request_seed(0, f"{side}-{round_}-{i}", 0, 0) for i in range(requests)]
+
+    def offline_side(round_: int) -> tuple[float, float]:
+        """Offline generation and the scoring of its responses, in seconds: the whole, and the scoring."""
+        generate_s, responses = ray.get(offline.generate.remote(prompts, length, seeds("offline", round_)))
+        started = time.perf_counter()
+        scorer.score([(task, renderer.decode(ids), True) for task, ids in zip(tasks, responses)], config.reward.budget_penalty)
+        scoring_s = time.perf_counter() - started
+        return generate_s + scoring_s, scoring_s
 
     def engine_call(round_: int) -> float:
         requests = [GenerationRequest(f"bench-{round_}-{index}", tuple(prompt), length, 1.0, seed=seed, ignore_eos=True)
-                    for index, (prompt, seed) in enumerate(zip(prompts, seeds))]
+                    for index, (prompt, seed) in enumerate(zip(prompts, seeds("engine-call", round_)))]
         started = time.perf_counter()
         ray.get(list(engine.generate.remote(requests)))
         return time.perf_counter() - started
@@ -160,16 +180,15 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
         return time.perf_counter() - started
 
     try:
-        rounds = [(ray.get(offline.generate.remote(prompts, length, seeds)), engine_call(round_), rollout_layer(round_))
-                  for round_ in range(repeats + 1)][1:]
+        rounds = [(*offline_side(round_), engine_call(round_), rollout_layer(round_)) for round_ in range(repeats + 1)][1:]
     finally:
         manager.close()
         ray.kill(offline)
-    offline_s, engine_s, layer_s = (statistics.median(times) for times in zip(*rounds))
+    offline_s, scoring_s, engine_s, layer_s = (statistics.median(times) for times in zip(*rounds))
     return OverheadResult(
-        requests, length, len(rounds), offline_spec.cpu_threads, offline_s, engine_s, layer_s,
-        ratio=statistics.median(layer / off for off, _, layer in rounds),
-        engine_call_ratio=statistics.median(call / off for off, call, _ in rounds),
+        requests, length, len(rounds), offline_spec.cpu_threads, offline_s, scoring_s, engine_s, layer_s,
+        ratio=statistics.median(layer / off for off, _, _, layer in rounds),
+        engine_call_ratio=statistics.median(call / (off - scoring) for off, scoring, call, _ in rounds),
     )
 
 
