@@ -8,11 +8,13 @@ from trainer_helpers import full_parameters_and_grads, samples, start_worker
 from rl.config import TrainerConfig
 
 
-def _train_once(policy, micro_batch_size: int, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _train_once(policy, micro_batch_size: int, steps: int, reverse: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     config = TrainerConfig(data_parallel_size=1, micro_batch_size=micro_batch_size, optimizer_steps_per_batch=steps)
     worker = start_worker(0, 1, free_port(), str(policy), config)
     try:
         batch = samples(8, worker.model.config.vocab_size)
+        if reverse:
+            batch.reverse()
         metrics = worker.train(batch, policy_version=0)
         loss, _ = metrics["loss"]
         assert loss > 0 and metrics["logprob_diff_mean"][1] == sum(len(s.loss_mask) for s in batch)
@@ -31,6 +33,25 @@ def test_micro_batches_accumulate_to_the_full_batch_update(tiny_policy):
         # the updated weights agree to about that precision.
         tolerance = 1e-6 if name.endswith(".grad") else 1e-4
         assert torch.allclose(whole[name], accumulated[name], atol=tolerance), name
+
+
+def test_micro_batches_hold_samples_of_similar_length_and_the_order_changes_nothing(tiny_policy):
+    config = TrainerConfig(data_parallel_size=1, micro_batch_size=3)
+    worker = start_worker(0, 1, free_port(), str(tiny_policy), config)
+    try:
+        batch = samples(8, worker.model.config.vocab_size)
+        micro_batches = worker._mini_batches(batch, steps=1)[0]
+    finally:
+        worker.shutdown()
+    lengths = sorted(len(sample.token_ids) for sample in batch)
+    assert [micro.input_ids.shape for micro in micro_batches] == [
+        (len(lengths[start : start + 3]), max(lengths[start : start + 3])) for start in range(0, 8, 3)
+    ]
+    forward, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1)
+    reversed_, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1, reverse=True)
+    for name in forward:
+        tolerance = 1e-6 if name.endswith(".grad") else 1e-4
+        assert torch.allclose(forward[name], reversed_[name], atol=tolerance), name
 
 
 def test_update_moves_weights_and_second_step_sees_the_log_ratio(tiny_policy):

@@ -308,13 +308,15 @@ class TrainerWorker:
         return merged
 
     def _mini_batches(self, samples: list[TrainSample], steps: int) -> list[list[MicroBatch]]:
-        """`steps` equal mini-batches of micro-batches of at most `trainer.micro_batch_size`."""
+        """`steps` equal mini-batches of micro-batches of at most `trainer.micro_batch_size`. Within a
+        mini-batch, samples of similar length share a micro-batch, so that little of it is padding:
+        the mini-batch's loss and gradient are sums over its samples, whatever their grouping."""
         per_step, micro = len(samples) // steps, self.config.micro_batch_size
-        return [
-            [self._micro_batch(samples[start : min(start + micro, (step + 1) * per_step)])
-             for start in range(step * per_step, (step + 1) * per_step, micro)]
-            for step in range(steps)
-        ]
+        mini_batches = []
+        for step in range(steps):
+            by_length = sorted(samples[step * per_step : (step + 1) * per_step], key=lambda sample: len(sample.token_ids))
+            mini_batches.append([self._micro_batch(by_length[start : start + micro]) for start in range(0, per_step, micro)])
+        return mini_batches
 
     def train_step(self, mini_batch: list[MicroBatch], old_logprobs: list[torch.Tensor] | None,
                    policy_version: int, ptx: list[MicroBatch] = (), ptx_coef: float = 0.0,
