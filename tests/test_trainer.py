@@ -24,15 +24,19 @@ def _train_once(policy, micro_batch_size: int, steps: int, reverse: bool = False
         worker.shutdown()
 
 
-def test_micro_batches_accumulate_to_the_full_batch_update(tiny_policy):
-    whole, _ = _train_once(tiny_policy, micro_batch_size=8, steps=1)
-    accumulated, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1)
-    assert whole.keys() == accumulated.keys()
-    for name in whole:
+def _assert_same_update(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
         # Gradients agree to float32 rounding; Muon orthogonalises in bfloat16, so
         # the updated weights agree to about that precision.
         tolerance = 1e-6 if name.endswith(".grad") else 1e-4
-        assert torch.allclose(whole[name], accumulated[name], atol=tolerance), name
+        assert torch.allclose(expected[name], actual[name], atol=tolerance), name
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update(tiny_policy):
+    whole, _ = _train_once(tiny_policy, micro_batch_size=8, steps=1)
+    accumulated, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1)
+    _assert_same_update(whole, accumulated)
 
 
 def test_micro_batches_hold_samples_of_similar_length_and_the_order_changes_nothing(tiny_policy):
@@ -49,9 +53,7 @@ def test_micro_batches_hold_samples_of_similar_length_and_the_order_changes_noth
     ]
     forward, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1)
     reversed_, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1, reverse=True)
-    for name in forward:
-        tolerance = 1e-6 if name.endswith(".grad") else 1e-4
-        assert torch.allclose(forward[name], reversed_[name], atol=tolerance), name
+    _assert_same_update(forward, reversed_)
 
 
 def test_update_moves_weights_and_second_step_sees_the_log_ratio(tiny_policy):
