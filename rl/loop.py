@@ -226,6 +226,7 @@ class Controller:
             "reward_mean": sum(t.reward.score for t in scored) / max(len(scored), 1),
             "response_len_mean": sum(t.generated_tokens for t in trajectories) / count,
             "truncated_frac": sum(t.truncated for t in trajectories) / count,
+            "prefix_cache_hit_frac": sum(t.cached_prompt_tokens for t in trajectories) / max(sum(t.request_prompt_tokens for t in trajectories), 1),
             "reward_error_frac": sum(t.reward is not None and t.reward.failed for t in trajectories) / count,
             "temperature": temperature,
             "lr": lr,

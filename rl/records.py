@@ -105,6 +105,10 @@ class Trajectory:
     env_reward: float = 0.0
     reward: RewardResult | None = None
     error: str = ""
+    # Prompt tokens sent with the episode's generation requests, and those of them the engine read
+    # from its prefix cache (the group's shared prompt, the episode's earlier turns).
+    request_prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     def append(self, role: str, token_ids: list[int], logprobs: list[float] | None = None,
                version: int = -1, temperature: float = 0.0) -> None:

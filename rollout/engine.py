@@ -78,6 +78,8 @@ class GenerationResult:
     # with the tokens generated until then).
     finish_reason: str
     weight_version: int
+    # Prompt tokens the engine read from its prefix cache instead of computing them.
+    cached_tokens: int = 0
 
 
 def engine_arguments(spec: EngineSpec) -> dict:
@@ -107,6 +109,13 @@ def engine_arguments(spec: EngineSpec) -> dict:
         # (an engine core run in-process) and in the engine core it spawns.
         torch._dynamo.config.disable = True
         os.environ["TORCH_COMPILE_DISABLE"] = "1"
+    from vllm.platforms import current_platform
+
+    # The samples of a group share their prompt in whole KV blocks only (the prefix cache), so a
+    # prompt shorter than a block is prefilled once per sample. vLLM's CPU attention defaults to
+    # blocks of 128 tokens, longer than most prompts; 32 is the smallest it takes. GPU backends
+    # default to 16.
+    block_size = {"block_size": 32} if current_platform.is_cpu() else {}
     return dict(
         model=spec.model_path,
         dtype=spec.dtype,
@@ -134,6 +143,7 @@ def engine_arguments(spec: EngineSpec) -> dict:
         enable_sleep_mode=spec.sleep_between_rollouts,
         tensor_parallel_size=spec.tensor_parallel_size,
         distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else None,
+        **block_size,
     )
 
 
@@ -321,11 +331,13 @@ class RolloutEngine:
                 added.set()
         token_ids: list[int] = []
         logprobs: list[float] = []
+        cached_tokens = 0
         try:
             finished = False
             while not finished:
                 output = collector.get_nowait() or await collector.get()
                 finished = output.finished
+                cached_tokens = output.num_cached_tokens or cached_tokens
                 sample = output.outputs[0]
                 new_ids = list(sample.token_ids)
                 token_ids += new_ids
@@ -343,7 +355,7 @@ class RolloutEngine:
             collector.close()
             self._running.discard(request.request_id)
             self._counted_running.discard(request.request_id)
-        return GenerationResult(request.request_id, token_ids, logprobs, sample.finish_reason or "stop", version)
+        return GenerationResult(request.request_id, token_ids, logprobs, sample.finish_reason or "stop", version, cached_tokens)
 
     def _require_weights(self) -> None:
         if self.weight_version is None:

@@ -106,7 +106,7 @@ class Episode:
                     t.status = EpisodeStatus.PARTIAL
                     return t
                 if self.engine is None:
-                    self.engine = ctx.pool.least_loaded()
+                    self.engine = ctx.engine_for(t.group_id)
                 position = len(t.response_ids)
                 greedy = self.settings.temperature == 0
                 request = GenerationRequest(
@@ -120,6 +120,8 @@ class Episode:
                     ignore_eos=self.settings.ignore_eos,
                 )
                 result = await ctx.pool.generate(request, self.engine)
+                t.request_prompt_tokens += len(request.prompt_ids)
+                t.cached_prompt_tokens += result.cached_tokens
                 t.append("assistant", result.token_ids, result.logprobs, result.weight_version, self.settings.temperature)
                 t.finish_reason = result.finish_reason
                 if result.finish_reason == "abort" or (result.finish_reason == "length" and step_room < room):

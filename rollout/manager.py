@@ -65,9 +65,21 @@ class RolloutContext:
         self.pool, self.renderer, self.make_env = pool, renderer, make_env
         self.counts_tokens = counts_tokens
         self._ids = itertools.count()
+        self._group_engines: dict[str, int] = {}
 
     def fresh_id(self) -> int:
         return next(self._ids)
+
+    def engine_for(self, group_id: str) -> int:
+        """The engine of a group's episodes: the least-loaded one when the first of them starts. The
+        samples of a group share their prompt, which that engine's prefix cache then prefills once."""
+        if group_id not in self._group_engines:
+            self._group_engines[group_id] = self.pool.least_loaded()
+        return self._group_engines[group_id]
+
+    def forget_groups(self) -> None:
+        """Episodes that have started keep their engine; groups yet to start choose anew."""
+        self._group_engines.clear()
 
 
 class RolloutManager:
@@ -162,6 +174,7 @@ class RolloutManager:
         the scoring time that came after it."""
         budget = self.budget if budget is None else budget
         groups = groups or {}
+        self.context.forget_groups()
         scoring: set[str] = set()
         started = time.perf_counter()
         limit = asyncio.Semaphore(self.config.rollout.max_concurrent_episodes)

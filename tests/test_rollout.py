@@ -71,6 +71,28 @@ def test_a_multi_turn_episode_is_exactly_what_the_engine_and_the_environment_wro
     assert (trainer[positions][generated] - rollout[generated]).abs().max() < 1e-3
 
 
+def test_the_samples_of_a_group_prefill_their_shared_prompt_once(workers, tiny_policy):
+    """The engine's prefix cache holds whole blocks of 32 tokens: every sample of a group after the
+    first reads the prompt's full blocks from it instead of computing them."""
+    _, started = workers
+    config = load_config(None, [f"model.path={tiny_policy}", *TINY_WORKERS, "rollout.n_samples=4", "rollout.token_budgets.arithmetic=4"])
+    renderer = Renderer.from_pretrained(str(tiny_policy))
+    tasks = [Task(f"pens-{n}", ({"role": "user", "content": f"Ana has {n} pens and buys {n + 1} more. How many pens does she have?"},),
+                  "arithmetic", "math", {"answer": str(2 * n + 1)}) for n in (4817, 5923)]
+    manager = _manager(config, started, tiny_policy)
+    try:
+        groups = manager.collect(tasks, step=1, temperature=1.0, policy_version=0).groups
+    finally:
+        manager.close()
+    assert len(groups) == 2
+    for task, group in zip(tasks, groups.values()):
+        prompt_tokens = len(renderer.prompt(task.messages))
+        shared = 32 * ((prompt_tokens - 1) // 32)
+        assert shared > 0, "the test needs a prompt longer than one block"
+        assert [t.request_prompt_tokens for t in group] == [prompt_tokens] * 4
+        assert sorted(t.cached_prompt_tokens for t in group) == [0, shared, shared, shared]
+
+
 SCORING_S = 0.05
 
 

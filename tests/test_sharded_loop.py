@@ -60,6 +60,17 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
         nodes.update(trainers=workers.trainers.node_ids(), engines=workers.engines.node_ids())
         checks.extend((step, workers.weight_sync.version, gap) for gap in engine_gaps(workers))
         if step == 1:
+            # The samples of a group run on one engine, whose prefix cache then holds their prompt:
+            # each sample after the group's first reads its full blocks from it.
+            tasks = [_task(4817), _task(5923)]
+            rollout = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
+            try:
+                groups = rollout.collect(tasks, step=50, temperature=1.0, policy_version=workers.weight_sync.version).groups
+            finally:
+                rollout.close()
+            for task, group in zip(tasks, groups.values()):
+                shared = 32 * ((len(renderer.prompt(task.messages)) - 1) // 32)
+                assert shared > 0 and sorted(t.cached_prompt_tokens for t in group) == [0, shared, shared, shared]
             # Engine 1 dies as an update begins: its node's writer stops waiting for it (a writer
             # that waited out weight_sync.timeout_s would fail the push), and engine 1 is restarted
             # and gets that same version. (An engine that dies mid-rollout: tests/test_rollout.py.)
@@ -87,7 +98,7 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
     assert [(step, version) for step, version, _ in checks] == [(1, 1), (1, 1), (2, 2), (2, 2)]
     assert all(diff < 1e-3 for _, _, diff in checks), checks
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["logprob_diff_mean"] < 1e-3 and "max_attention_logit" in row for row in rows[1:])
+    assert all(row["logprob_diff_mean"] < 1e-3 and "max_attention_logit" in row and row["prefix_cache_hit_frac"] > 0.5 for row in rows[1:])
 
 
 def test_a_mesh_that_cannot_split_the_model_fails_before_any_process_starts(tiny_policy, ray_cluster):
