@@ -2,8 +2,8 @@
 
 Requests go to the least-loaded engine, and every request of one group's episodes to the same
 engine (rollout/manager.py, `RolloutContext.engine_for`), so that the samples of a prompt, and the
-turns of an episode, reuse their prefix in that engine's cache. Requests made in the same moment travel to
-an engine together, in one streaming call whose results come back as they finish.
+turns of an episode, reuse their prefix in that engine's cache. Requests made in the same moment
+travel to an engine together, in one streaming call whose results come back as they finish.
 
 An engine that dies is restarted (up to `rollout.max_engine_restarts` times), brought to the
 current weight version, and the requests it held are sent again: an episode re-runs from its last
