@@ -2,7 +2,9 @@
 
 Every expected failure (bad config, missing file, unknown reward, an engine that
 does not start) ends with one `k2rl: error: ...` line and exit status 2, after the
-Ray cluster and its actors have been shut down.
+Ray cluster and its actors have been shut down. Ctrl-C and SIGTERM end any command the
+same way, with `k2rl: error: interrupted`, except `train`, which first finishes its step and
+writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -50,8 +53,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
         controller.prepare(model_path, resume=ns.resume is not None)
     except (ConfigError, CheckpointError, UnknownRewardError, EnvironmentConfigError, ImportError, ValueError, OSError) as error:
         return _fail(str(error))
-    except KeyboardInterrupt:
-        return _fail("interrupted")
 
     import ray
 
@@ -366,7 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = build_parser().parse_args(argv)
-    return ns.handler(ns)
+    # SIGTERM (`kill`, a scheduler's stop) ends a command as Ctrl-C does, so that its cleanup runs:
+    # Ray shut down, temporary files removed. `train` finishes its step first (rl/loop.py).
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return ns.handler(ns)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

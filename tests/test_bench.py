@@ -1,6 +1,11 @@
 """`k2rl bench step` and `k2rl bench rollout` run end to end on the tiny policy (figures are not asserted)."""
 
 import json
+import os
+import signal
+import tempfile
+import threading
+import time
 
 import pytest
 
@@ -24,6 +29,27 @@ def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ra
     assert size["completions_per_step"] == 4 and set(size["ratios"]) == {"end_to_end", "rollout", "train"}
     assert set(size["k2rl"]["breakdown"]) == {"rollout", "reward", "train", "weight sync", "rest"}
     assert size["baseline"]["step_s"] > 0 and size["k2rl"]["tokens_per_s"] > 0
+
+
+def test_sigterm_ends_bench_step_in_one_line_without_figures(tiny_policy, ray_cluster, capsys, tmp_path, monkeypatch):
+    """The bench's run takes SIGTERM as a training run does (it finishes its step); the bench then
+    ends as well, with no figures of the cut-short run and no temporary files left."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def terminate_once_the_run_has_begun():
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("k2rl-bench-*/metrics.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_once_the_run_has_begun, daemon=True).start()
+    capsys.readouterr()
+    assert main(["bench", "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=200", "--warmup=0",
+                 "trainer.micro_batch_size=2"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == "k2rl: error: interrupted" and "k2rl / baseline" not in out
+    assert not list(tmp_path.glob("k2rl-bench-*")) and signal.getsignal(signal.SIGTERM) is handler_before
 
 
 def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, tiny_workers):

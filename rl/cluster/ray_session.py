@@ -58,11 +58,14 @@ def ray_session(address: str | None = None, verbose: bool = False) -> Iterator[s
     if ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
         yield "using the Ray cluster this process is connected to"
         return
-    line = connect(address, verbose)
+    # A Ray this process already had is left alone even when joining another fails; a Ray started
+    # here is shut down however the command ends, also when interrupted while Ray starts.
+    started_here = not ray.is_initialized()
     try:
-        yield line
+        yield connect(address, verbose)
     finally:
-        ray.shutdown()
+        if started_here:
+            ray.shutdown()
 
 
 def error_summary(error: BaseException) -> str:
