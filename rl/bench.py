@@ -168,8 +168,7 @@ def run_k2rl(config: RunConfig, model_path: str, warmup: int) -> Side:
     from rl.loop import Controller
 
     with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as run_dir:
-        if Controller(config, Path(run_dir)).run(model_path).stopped_at is not None:
-            raise KeyboardInterrupt  # a stop signal: the run ended early, and the bench with it
+        Controller(config, Path(run_dir)).run(model_path).completed()
         rows = read_metrics(Path(run_dir))[1 + warmup :]
     phases = {
         "rollout": "time_rollout_s", "reward": "time_reward_s", "train": "time_train_s", "weight sync": "time_weight_sync_s",

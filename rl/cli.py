@@ -2,9 +2,10 @@
 
 Every expected failure (bad config, missing file, unknown reward, an engine that
 does not start) ends with one `k2rl: error: ...` line and exit status 2, after the
-Ray cluster and its actors have been shut down. Ctrl-C and SIGTERM end any command the
-same way, with `k2rl: error: interrupted`, except `train`, which first finishes its step and
-writes a checkpoint.
+Ray cluster and its actors have been shut down. Ctrl-C and SIGTERM end every command the
+same way, with a `k2rl: error: interrupted` line (and exit status 2), except that a training run,
+also the one inside `bench step` and `bench rollout`, first finishes its step; `train` then
+writes a checkpoint and exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from rewards import UnknownRewardError
+from rl import stop_signals
 from rl.config import EMBEDDED_POLICIES, ConfigError, load_config
 
 EXIT_ERROR = 2
@@ -368,14 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = build_parser().parse_args(argv)
     # SIGTERM (`kill`, a scheduler's stop) ends a command as Ctrl-C does, so that its cleanup runs:
-    # Ray shut down, temporary files removed. `train` finishes its step first (rl/loop.py).
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ray shut down, temporary files removed. A training run finishes its step first (rl/loop.py).
+    previous = stop_signals.install(signal.default_int_handler, (signal.SIGTERM,))
     try:
         return ns.handler(ns)
     except KeyboardInterrupt:
         return _fail("interrupted")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop_signals.restore(previous)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rewards import RewardScorer, get_reward
+from rl import stop_signals
 from rl.cluster.placement import resolve_dtype
 from rl.cluster.workers import Workers
 from rl.config import RunConfig
@@ -64,6 +65,13 @@ class RunSummary:
     weight_version: int
     # Set when a signal ended the run early, after its checkpoint.
     stopped_at: int | None = None
+
+    def completed(self) -> RunSummary:
+        """The summary of a run that went to its last step; a run that a stop signal ended early
+        raises KeyboardInterrupt, for callers that need every step (the benches)."""
+        if self.stopped_at is not None:
+            raise KeyboardInterrupt
+        return self
 
 
 class Controller:
@@ -134,7 +142,7 @@ class Controller:
         rollout: RolloutManager | None = None
         metrics: MetricsLogger | None = None
         fingerprint = model_fingerprint(model_path)
-        previous_handlers = _catch_stop_signals(self._on_signal)
+        previous_handlers = stop_signals.install(self._on_signal, (signal.SIGINT, signal.SIGTERM))
         try:
             if own_workers:
                 workers = Workers.start(config, model_path)
@@ -176,7 +184,7 @@ class Controller:
             workers.trainers.save_model(str(self.run_dir / "final"))
             return RunSummary(self.run_dir, initial, final, time.perf_counter() - started, self.version)
         finally:
-            _restore_signals(previous_handlers)
+            stop_signals.restore(previous_handlers)
             if rollout is not None:
                 rollout.close()
             scorer.close()
@@ -387,18 +395,3 @@ def _stop_logging_to(handler: logging.Handler) -> None:
     for name in _LOGGERS:
         logging.getLogger(name).removeHandler(handler)
     handler.close()
-
-
-def _catch_stop_signals(handler) -> dict[int, object]:
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[signum] = signal.signal(signum, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-    return previous
-
-
-def _restore_signals(previous: dict[int, object]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)

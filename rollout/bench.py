@@ -233,8 +233,7 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
             run_dir = Path(scratch) / f"run-{side_budget}"
             config = partial_config(model_path, tasks, short, long, warmup + steps, side_budget,
                                     workers.config.trainer.micro_batch_size, (f"model.dtype={workers.config.model.dtype}", *overrides))
-            if Controller(config, run_dir).run(model_path, workers=workers).stopped_at is not None:
-                raise KeyboardInterrupt  # a stop signal: the run ended early, and the bench with it
+            Controller(config, run_dir).run(model_path, workers=workers).completed()
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
             step = statistics.mean(row["time_step_s"] for row in rows)
             rollout = statistics.mean(row["time_rollout_s"] for row in rows)

@@ -3,11 +3,15 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
-import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
+from processes import assert_all_exit, processes_with_marker, wait_for_step
 
 from rl.cli import main
 
@@ -31,25 +35,34 @@ def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ra
     assert size["baseline"]["step_s"] > 0 and size["k2rl"]["tokens_per_s"] > 0
 
 
-def test_sigterm_ends_bench_step_in_one_line_without_figures(tiny_policy, ray_cluster, capsys, tmp_path, monkeypatch):
-    """The bench's run takes SIGTERM as a training run does (it finishes its step); the bench then
-    ends as well, with no figures of the cut-short run and no temporary files left."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def test_sigterm_ends_bench_step_in_one_line_and_leaves_nothing_behind(tiny_policy, tmp_path):
+    """SIGTERM reaches a bench while its run trains: the run finishes its step, the bench ends with
+    one line and no figures of the cut-short run, and its Ray cluster, actors and temporary
+    directories are gone. Its own Ray: starting Ray replaces SIGTERM's handler with one that exits
+    without cleanup, which the command must undo."""
+    marker, scratch = uuid.uuid4().hex, Path(tempfile.gettempdir())
+    before = set(scratch.glob("k2rl-bench-*"))
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "rl.cli", "bench", "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4",
+         "--steps=500", "--warmup=0", "trainer.micro_batch_size=2"],
+        env={**os.environ, "K2RL_TEST_RUN": marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_for_step(bench, _run_dir(scratch, before, bench), 1)
+    os.kill(bench.pid, signal.SIGTERM)  # as `kill PID` does: to the command, not to its Ray processes
+    out, err = bench.communicate(timeout=300)
+    assert bench.returncode == 2 and err.strip().splitlines()[-1] == "k2rl: error: interrupted", err[-3000:]
+    assert "k2rl / baseline" not in out and set(scratch.glob("k2rl-bench-*")) == before
+    assert_all_exit(lambda: processes_with_marker(f"K2RL_TEST_RUN={marker}"), 120, "the stopped bench")
 
-    def terminate_once_the_run_has_begun():
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("k2rl-bench-*/metrics.jsonl")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGTERM)
 
-    handler_before = signal.getsignal(signal.SIGTERM)
-    threading.Thread(target=terminate_once_the_run_has_begun, daemon=True).start()
-    capsys.readouterr()
-    assert main(["bench", "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=200", "--warmup=0",
-                 "trainer.micro_batch_size=2"]) == 2
-    out, err = capsys.readouterr()
-    assert err.strip().splitlines()[-1] == "k2rl: error: interrupted" and "k2rl / baseline" not in out
-    assert not list(tmp_path.glob("k2rl-bench-*")) and signal.getsignal(signal.SIGTERM) is handler_before
+def _run_dir(scratch: Path, before: set[Path], bench: subprocess.Popen, timeout_s: float = 300) -> Path:
+    """The bench's run directory: the first new temporary directory to hold a config.json."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := [d for d in set(scratch.glob("k2rl-bench-*")) - before if (d / "config.json").is_file()]):
+        assert bench.poll() is None, bench.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"no run directory of the bench in {scratch} within {timeout_s:g} s"
+        time.sleep(0.2)
+    return found[0]
 
 
 def test_bench_rollout_measures_the_layer_and_partial_rollout(tiny_policy, tiny_workers):

@@ -57,3 +57,19 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert controller._stop_signal == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
         controller._on_signal(signal.SIGTERM, None)
+
+
+@pytest.mark.integration
+def test_starting_ray_keeps_the_commands_sigterm_handler():
+    """ray.init sets a SIGTERM handler that exits at once, without the command's cleanup; a Ray
+    session puts back the handler the command had (the command line's maps SIGTERM to Ctrl-C)."""
+    program = (
+        "import signal\n"
+        "from rl.cluster.ray_session import ray_session\n"
+        "signal.signal(signal.SIGTERM, signal.default_int_handler)\n"
+        "with ray_session():\n"
+        "    print(signal.getsignal(signal.SIGTERM) is signal.default_int_handler)\n"
+        "print(signal.getsignal(signal.SIGTERM) is signal.default_int_handler)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["True", "True"], result.stderr[-3000:]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 
+from rl import stop_signals
 from rl.config import ConfigError
 
 _RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
@@ -30,24 +32,32 @@ def connect(address: str | None = None, verbose: bool = False) -> str:
     address = address or os.environ.get("RAY_ADDRESS", "")
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if not address or address == "local":
-        ray.init(
-            address="local",
-            _node_ip_address=LOCAL_NODE_ADDRESS,
-            include_dashboard=False,
-            object_store_memory=256 * 1024**2,
-            runtime_env=_RUNTIME_ENV,
-            **quiet,
-        )
+        with _sigterm_handler_kept():
+            ray.init(
+                address="local",
+                _node_ip_address=LOCAL_NODE_ADDRESS,
+                include_dashboard=False,
+                object_store_memory=256 * 1024**2,
+                runtime_env=_RUNTIME_ENV,
+                **quiet,
+            )
         return "started a local Ray cluster"
     _check_reachable(address)
     if ray.is_initialized():
         raise ConfigError(f"cannot join the Ray cluster at {address}: this process is already connected to a Ray cluster")
     try:
-        ray.init(address=address, runtime_env=_RUNTIME_ENV, **quiet, **_attach_to(address))
+        with _sigterm_handler_kept():
+            ray.init(address=address, runtime_env=_RUNTIME_ENV, **quiet, **_attach_to(address))
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot join the Ray cluster at {address}: {str(error).strip().splitlines()[-1]}") from None
     nodes = [node for node in ray.nodes() if node["Alive"]]
     return f"joined the Ray cluster at {address} ({len(nodes)} nodes)"
+
+
+def _sigterm_handler_kept():
+    """ray.init sets a SIGTERM handler that exits at once, skipping the command's cleanup; the
+    handler the command had (the command line's maps SIGTERM to Ctrl-C) is put back."""
+    return stop_signals.kept((signal.SIGTERM,))
 
 
 @contextmanager
