@@ -125,7 +125,8 @@ def engine_arguments(spec: EngineSpec) -> dict:
         # Logprobs of the distribution actually sampled from (after temperature), which
         # is what the trainer computes for the same tokens.
         logprobs_mode="processed_logprobs",
-        # Turns of one episode share their prefix; the cache is reset on every update.
+        # The samples of a group share their prompt, and the turns of an episode their prefix; the
+        # cache is reset on every update.
         enable_prefix_caching=True,
         # A prompt is prefilled whole: on CPU, vLLM cannot rewind a seeded request's random
         # generator after a partial prefill, so seeded requests and chunked prefill do not mix.

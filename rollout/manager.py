@@ -66,20 +66,27 @@ class RolloutContext:
         self.counts_tokens = counts_tokens
         self._ids = itertools.count()
         self._group_engines: dict[str, int] = {}
+        self._pin_groups = True
 
     def fresh_id(self) -> int:
         return next(self._ids)
 
     def engine_for(self, group_id: str) -> int:
         """The engine of a group's episodes: the least-loaded one when the first of them starts. The
-        samples of a group share their prompt, which that engine's prefix cache then prefills once."""
+        samples of a group share their prompt, which that engine's prefix cache then prefills once.
+        In a round of fewer groups than engines, each episode takes the least-loaded engine: an
+        idle engine costs more than a prompt prefilled twice."""
+        if not self._pin_groups:
+            return self.pool.least_loaded()
         if group_id not in self._group_engines:
             self._group_engines[group_id] = self.pool.least_loaded()
         return self._group_engines[group_id]
 
-    def forget_groups(self) -> None:
-        """Episodes that have started keep their engine; groups yet to start choose anew."""
+    def start_round(self, group_ids: set[str]) -> None:
+        """Before the episodes of these groups play: episodes that have started keep their engine,
+        groups yet to start choose anew."""
         self._group_engines.clear()
+        self._pin_groups = len(group_ids) >= len(self.pool)
 
 
 class RolloutManager:
@@ -174,7 +181,7 @@ class RolloutManager:
         the scoring time that came after it."""
         budget = self.budget if budget is None else budget
         groups = groups or {}
-        self.context.forget_groups()
+        self.context.start_round({episode.trajectory.group_id for episode in episodes})
         scoring: set[str] = set()
         started = time.perf_counter()
         limit = asyncio.Semaphore(self.config.rollout.max_concurrent_episodes)

@@ -148,3 +148,31 @@ def test_an_engine_killed_mid_rollout_loses_no_episode_and_leaves_no_engine_core
     while any(psutil.pid_exists(pid) for pid in engine_core) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [pid for pid in engine_core if psutil.pid_exists(pid)]
+
+
+def test_a_group_keeps_one_engine_unless_the_round_has_fewer_groups_than_engines():
+    from rollout.manager import RolloutContext
+
+    class Loads:
+        """An engine pool's load bookkeeping: requests in flight per engine."""
+
+        def __init__(self, engines: int):
+            self.in_flight = [0] * engines
+
+        def __len__(self) -> int:
+            return len(self.in_flight)
+
+        def least_loaded(self) -> int:
+            return min(range(len(self)), key=lambda index: self.in_flight[index])
+
+        def start(self, index: int) -> int:
+            self.in_flight[index] += 1
+            return index
+
+    pool = Loads(2)
+    context = RolloutContext(pool, renderer=None, make_env=None, counts_tokens=False)
+    context.start_round({"a", "b"})
+    engines = [pool.start(context.engine_for(group)) for group in ("a", "a", "a", "b", "b", "a")]
+    assert engines == [0, 0, 0, 1, 1, 0]
+    context.start_round({"c"})
+    assert [pool.start(context.engine_for("c")) for _ in range(4)] == [1, 1, 0, 1]
