@@ -271,7 +271,7 @@ class TrainerConfig:
     # schedule over the run's steps, {schedule: constant|linear|cosine|exponential, start, end,
     # steps}; see rl/schedule.py.
     lr: float | dict[str, float | str] = field(
-        default_factory=lambda: {"schedule": "linear", "start": 2e-4, "end": 4e-5, "steps": 120})
+        default_factory=lambda: {"schedule": "linear", "start": 2e-4, "end": 0.0, "steps": 150})
     weight_decay: float = 0.0
     # AdamW's (beta1, beta2); Muon keeps its own momentum (0.95).
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -313,7 +313,7 @@ class ClusterConfig:
 @dataclass
 class RunConfig:
     name: str = "k2rl"
-    steps: int = 120
+    steps: int = 130
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
