@@ -28,7 +28,8 @@ def restore(previous: Handlers) -> None:
 @contextmanager
 def kept(signums: Iterable[int]) -> Iterator[None]:
     """The handlers of `signums` as they are now, put back after the block whatever it set."""
-    previous = {signum: signal.getsignal(signum) for signum in signums} if threading.current_thread() is threading.main_thread() else {}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in signums} if in_main_thread else {}
     try:
         yield
     finally:

@@ -38,8 +38,7 @@ def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ra
 def test_sigterm_ends_bench_step_in_one_line_and_leaves_nothing_behind(tiny_policy, tmp_path):
     """SIGTERM reaches a bench while its run trains: the run finishes its step, the bench ends with
     one line and no figures of the cut-short run, and its Ray cluster, actors and temporary
-    directories are gone. Its own Ray: starting Ray replaces SIGTERM's handler with one that exits
-    without cleanup, which the command must undo."""
+    directories are gone. The command starts a Ray of its own, as from a shell."""
     marker, scratch = uuid.uuid4().hex, Path(tempfile.gettempdir())
     before = set(scratch.glob("k2rl-bench-*"))
     bench = subprocess.Popen(
