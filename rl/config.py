@@ -285,6 +285,9 @@ class TrainerConfig:
     # Logprobs are computed from the final hidden states this many tokens at a time (recomputed in
     # the backward pass), so no [tokens, vocabulary] logits tensor of a whole micro-batch exists.
     logprob_chunk_size: int = 1024
+    # The samples of a micro-batch that share a prompt are trained as rows that hold the prompt once,
+    # each row at most this many tokens (rl/trainer/shared_prompts.py); 0 trains each sample as its own row.
+    shared_prompt_row_tokens: int = 1024
     # QK-Clip (MuonClip): after each update, shrink the query/key projections of any head
     # whose largest attention logit exceeded this; 0 turns it off.
     qk_clip_threshold: float = 0.0
@@ -373,6 +376,8 @@ class RunConfig:
                               f"got {self.rollout.partial.max_episode_tokens_per_step}")
         if self.rollout.partial.max_staleness < 0:
             raise ConfigError(f"rollout.partial.max_staleness must be >= 0, got {self.rollout.partial.max_staleness}")
+        if self.trainer.shared_prompt_row_tokens < 0:
+            raise ConfigError(f"trainer.shared_prompt_row_tokens must be >= 0 (0 is off), got {self.trainer.shared_prompt_row_tokens}")
         if self.checkpoint.every < 0:
             raise ConfigError(f"checkpoint.every must be >= 0 (0: only when stopped), got {self.checkpoint.every}")
         if not 0 <= self.reward.max_error_frac <= 1:
@@ -508,6 +513,7 @@ RESUMABLE_KEYS = (
     "trainer.data_parallel_strategy",
     "trainer.micro_batch_size",
     "trainer.logprob_chunk_size",
+    "trainer.shared_prompt_row_tokens",
     "rollout.num_engines",
     "rollout.kv_cache_gib",
     "rollout.cpu_threads",

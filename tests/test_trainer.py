@@ -6,10 +6,13 @@ from processes import free_port
 from trainer_helpers import full_parameters_and_grads, samples, start_worker
 
 from rl.config import TrainerConfig
+from rl.trainer.worker import MicroBatch
 
 
-def _train_once(policy, micro_batch_size: int, steps: int, reverse: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    config = TrainerConfig(data_parallel_size=1, micro_batch_size=micro_batch_size, optimizer_steps_per_batch=steps)
+def _train_once(policy, micro_batch_size: int, steps: int, reverse: bool = False,
+                shared_prompt_row_tokens: int = 1024) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    config = TrainerConfig(data_parallel_size=1, micro_batch_size=micro_batch_size, optimizer_steps_per_batch=steps,
+                           shared_prompt_row_tokens=shared_prompt_row_tokens)
     worker = start_worker(0, 1, free_port(), str(policy), config)
     try:
         batch = samples(8, worker.model.config.vocab_size)
@@ -39,21 +42,40 @@ def test_micro_batches_accumulate_to_the_full_batch_update(tiny_policy):
     _assert_same_update(whole, accumulated)
 
 
-def test_micro_batches_hold_samples_of_similar_length_and_the_order_changes_nothing(tiny_policy):
-    config = TrainerConfig(data_parallel_size=1, micro_batch_size=3)
+@pytest.mark.parametrize("shared_prompt_row_tokens", [1024, 0])
+def test_micro_batches_hold_a_prompts_samples_or_samples_of_similar_length_and_the_order_changes_nothing(
+        tiny_policy, shared_prompt_row_tokens):
+    config = TrainerConfig(data_parallel_size=1, micro_batch_size=3, shared_prompt_row_tokens=shared_prompt_row_tokens)
     worker = start_worker(0, 1, free_port(), str(tiny_policy), config)
     try:
         batch = samples(8, worker.model.config.vocab_size)
         micro_batches = worker._mini_batches(batch, steps=1)[0]
     finally:
         worker.shutdown()
-    lengths = sorted(len(sample.token_ids) for sample in batch)
-    assert [micro.input_ids.shape for micro in micro_batches] == [
-        (len(lengths[start : start + 3]), max(lengths[start : start + 3])) for start in range(0, 8, 3)
-    ]
-    forward, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1)
-    reversed_, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1, reverse=True)
+    if shared_prompt_row_tokens:
+        # The four pairs that share a prompt, shortest pair first, each pair in one row where a micro-batch holds it.
+        pairs = sorted((batch[i : i + 2] for i in range(0, 8, 2)), key=lambda pair: sum(len(s.token_ids) for s in pair))
+        ordered = [sample for pair in pairs for sample in pair]
+        assert [micro.input_ids.tolist() for micro in micro_batches] == [
+            MicroBatch.of(ordered[start : start + 3], torch.device("cpu")).input_ids.tolist() for start in range(0, 8, 3)
+        ]
+        assert [micro.shared_prompts.input_ids.shape[0] for micro in micro_batches] == [2, 2, 1]
+    else:
+        lengths = sorted(len(sample.token_ids) for sample in batch)
+        assert [micro.input_ids.shape for micro in micro_batches] == [
+            (len(lengths[start : start + 3]), max(lengths[start : start + 3])) for start in range(0, 8, 3)
+        ]
+        assert all(micro.shared_prompts is None for micro in micro_batches)
+    forward, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1, shared_prompt_row_tokens=shared_prompt_row_tokens)
+    reversed_, _ = _train_once(tiny_policy, micro_batch_size=3, steps=1, reverse=True, shared_prompt_row_tokens=shared_prompt_row_tokens)
     _assert_same_update(forward, reversed_)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_rows_that_hold_a_prompt_once_give_the_update_of_one_row_per_sample(tiny_policy, steps):
+    shared, _ = _train_once(tiny_policy, micro_batch_size=4, steps=steps)
+    separate, _ = _train_once(tiny_policy, micro_batch_size=4, steps=steps, shared_prompt_row_tokens=0)
+    _assert_same_update(separate, shared)
 
 
 def test_update_moves_weights_and_second_step_sees_the_log_ratio(tiny_policy):

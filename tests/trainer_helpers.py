@@ -20,12 +20,14 @@ from rl.trainer.worker import TrainerWorker
 ADVANTAGES = [0.5, -0.5, 1.0, -1.0, 0.25, -0.25, 0.0, 0.0]
 
 
-def samples(count: int, vocab: int, advantages: list[float] = ADVANTAGES) -> list[TrainSample]:
-    """Random prompts and responses of different lengths, so batches are padded."""
+def samples(count: int, vocab: int, advantages: list[float] = ADVANTAGES, per_prompt: int = 2) -> list[TrainSample]:
+    """Random prompts and responses of different lengths, so batches are padded; `per_prompt`
+    consecutive samples share a prompt, as a group's do (the trainer computes it once for them)."""
     rng = random.Random(0)
     out = []
     for index in range(count):
-        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))]
+        if index % per_prompt == 0:
+            prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 9))]
         response = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 7))]
         n = len(response)
         out.append(TrainSample(prompt + response, len(prompt), [1] * n, [-1.0] * n, [1.0] * n, [0] * n, advantages[index % len(advantages)]))

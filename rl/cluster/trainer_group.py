@@ -10,6 +10,7 @@ from rl.cluster.placement import Placement
 from rl.config import RunConfig
 from rl.records import TrainSample
 from rl.trainer.parallel import data_parallel_strategy
+from rl.trainer.shared_prompts import prompt_groups
 from rl.trainer.worker import TrainerWorker
 
 
@@ -88,6 +89,9 @@ class TrainerGroup:
         if not samples:
             return [[] for _ in range(dp)]
         parts = dp * self.config.trainer.optimizer_steps_per_batch
+        # A prompt's samples side by side, so that a shard holds whole groups: the trainer computes a
+        # prompt once for the samples of it that share a micro-batch.
+        samples = [sample for group in prompt_groups(samples) for sample in group]
         samples = samples + [_masked(samples[0])] * (-len(samples) % parts)
         shard = len(samples) // dp
         return [samples[group * shard : (group + 1) * shard] for group in range(dp)]

@@ -80,7 +80,7 @@ _WORKER_KEYS = {
     "model": ("path", "dtype"),
     "trainer": ("data_parallel_size", "tensor_parallel_size", "data_parallel_strategy", "loss", "tau", "clip_low",
                 "clip_high", "kl_coef", "tis_cap", "optimizer", "weight_decay", "adam_betas", "micro_batch_size", "optimizer_steps_per_batch",
-                "reset_optimizer_each_step", "max_grad_norm", "logprob_chunk_size", "qk_clip_threshold"),
+                "reset_optimizer_each_step", "max_grad_norm", "logprob_chunk_size", "shared_prompt_row_tokens", "qk_clip_threshold"),
     "rollout": ("num_engines", "tensor_parallel_size", "kv_cache_gib", "max_model_len", "enforce_eager", "placement"),
 }
 

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from rl.config import ConfigError
+from rl.trainer.shared_prompts import SharedPromptRows
 
 # A temperature of 0 (greedy decoding) has no distribution; its tokens are never trained on.
 _MIN_TEMPERATURE = 1e-6
@@ -136,10 +137,20 @@ class PolicyLogprobs(nn.Module):
         self.config = causal_lm.config
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, temperatures: Tensor) -> Tensor:
-        """[batch, seq - 1]: the logprob of each token after the first, at its position's temperature."""
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logprobs = chunked_token_logprobs(hidden[:, :-1], self.lm_head.weight, input_ids[:, 1:], temperatures, self.chunk_size)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, temperatures: Tensor,
+                shared_prompts: SharedPromptRows | None = None) -> Tensor:
+        """[batch, seq - 1]: the logprob of each token after the first, at its position's temperature.
+        With `shared_prompts` the transformer body runs on those rows instead of the right-padded
+        `input_ids` (rl/trainer/shared_prompts.py); the logprobs are the same."""
+        if shared_prompts is None:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        else:
+            rows = self.model(
+                input_ids=shared_prompts.input_ids, position_ids=shared_prompts.position_ids,
+                attention_mask=shared_prompts.attention_mask(self.config._attn_implementation),
+            ).last_hidden_state
+            hidden = rows.flatten(0, 1)[shared_prompts.gather]
+        logprobs = chunked_token_logprobs(hidden, self.lm_head.weight, input_ids[:, 1:], temperatures, self.chunk_size)
         # FSDP2 hooks the backward pass onto this output: not a view, which an in-place op could detach from it.
         return logprobs.clone()
 

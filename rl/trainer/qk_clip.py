@@ -34,7 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 ATTENTION_IMPLEMENTATION = "k2rl_qk_clip"
 # Set on each attention module by the forward: the running per-head maximum of its local heads.
-_RECORD = "max_attention_logits"
+MAX_LOGITS_ATTRIBUTE = "max_attention_logits"
 
 
 def _recording_attention(
@@ -73,8 +73,8 @@ def _record_max_logits(module: nn.Module, logits: Tensor, attention_mask: Tensor
         query_is_real = key_allowed[..., kv_length - q_length :].diagonal(dim1=-2, dim2=-1)
         allowed = key_allowed & query_is_real.unsqueeze(-1)
     per_head = logits.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
-    previous = getattr(module, _RECORD, None)
-    setattr(module, _RECORD, per_head if previous is None else torch.maximum(previous, per_head))
+    previous = getattr(module, MAX_LOGITS_ATTRIBUTE, None)
+    setattr(module, MAX_LOGITS_ATTRIBUTE, per_head if previous is None else torch.maximum(previous, per_head))
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, _recording_attention)
@@ -105,14 +105,14 @@ class QKClip:
     def reset(self) -> None:
         """Forget what earlier forwards recorded."""
         for attention in self.attentions:
-            setattr(attention, _RECORD, None)
+            setattr(attention, MAX_LOGITS_ATTRIBUTE, None)
 
     def max_logits(self) -> Tensor:
         """[layers, heads]: each head's largest logit since `reset`, over every rank (-inf: not run)."""
         device = next(self.attentions[0].parameters()).device
         maxima = torch.full((len(self.attentions), self.num_heads), float("-inf"), device=device)
         for layer, attention in enumerate(self.attentions):
-            recorded = getattr(attention, _RECORD, None)
+            recorded = getattr(attention, MAX_LOGITS_ATTRIBUTE, None)
             if recorded is not None:
                 maxima[layer, self.local_heads] = recorded.float()
         # Each rank fills in its tensor-parallel heads from its own data shard: one MAX

@@ -12,7 +12,9 @@ shard of the batch (the tp ranks of a group on the same shard):
 Parameters and optimizer state are float32 (master weights); with `model.dtype` bfloat16 or
 float16 the forward and backward compute in that dtype (FSDP2 mixed precision), as the engines do.
 Logprobs come from the final hidden states `trainer.logprob_chunk_size` positions at a time
-(rl/trainer/logprobs.py): no micro-batch's whole-vocabulary logits are ever held.
+(rl/trainer/logprobs.py): no micro-batch's whole-vocabulary logits are ever held. The samples of
+a micro-batch that share a prompt run through the transformer in rows that hold the prompt once
+(rl/trainer/shared_prompts.py).
 
 `train`, `sequence_logprobs`, `broadcast_weights`, `save_model` and `save_state`/`load_state` are
 collectives: all ranks must call them, with the same arguments except for the data shard given
@@ -44,6 +46,7 @@ from rl.trainer.losses import MetricMean, TokenBatch, get_loss, loss_denominator
 from rl.trainer.optim import MuonWithAdamW
 from rl.trainer.parallel import build_mesh, check_layout, shard_model, whole
 from rl.trainer.qk_clip import QKClip
+from rl.trainer.shared_prompts import SharedPromptRows, can_share_prompts, pack, prompt_groups
 from rl.trainer.state import load_train_state, save_train_state
 from rl.weight_sync.transport import BucketPlan, BucketWriter, WeightUpdate
 
@@ -61,10 +64,14 @@ class MicroBatch:
     temperatures: torch.Tensor
     versions: torch.Tensor
     advantages: torch.Tensor  # [B]
+    # The same samples in rows that hold each prompt once, for the forward (rl/trainer/shared_prompts.py).
+    shared_prompts: SharedPromptRows | None = None
 
     @classmethod
-    def of(cls, samples: list[TrainSample], device: torch.device) -> MicroBatch:
-        """Right-padded ids and, over the logprob positions, what the loss needs of each token."""
+    def of(cls, samples: list[TrainSample], device: torch.device, shared_prompt_row_tokens: int = 0) -> MicroBatch:
+        """Right-padded ids and, over the logprob positions, what the loss needs of each token; with
+        `shared_prompt_row_tokens`, also the samples packed into rows of at most that many tokens
+        that hold each prompt once."""
         width = max(len(s.token_ids) for s in samples)
         input_ids = torch.zeros(len(samples), width, dtype=torch.long)
         attention = torch.zeros(len(samples), width, dtype=torch.long)
@@ -83,7 +90,9 @@ class MicroBatch:
             temperatures[i, span] = torch.tensor(sample.temperatures).where(loss_mask[i, span] > 0, 1.0)
             versions[i, span] = torch.tensor(sample.versions)
         advantages = torch.tensor([s.advantage for s in samples])
-        return cls(*(t.to(device) for t in (input_ids, attention, loss_mask, rollout, temperatures, versions, advantages)))
+        shared = pack(samples, shared_prompt_row_tokens) if shared_prompt_row_tokens else None
+        return cls(*(t.to(device) for t in (input_ids, attention, loss_mask, rollout, temperatures, versions, advantages)),
+                   shared_prompts=None if shared is None else shared.to(device))
 
 
 class TrainerWorker:
@@ -251,11 +260,14 @@ class TrainerWorker:
         for name in names if names is not None else list(state):
             yield name, whole(state[name])
 
+    def _shared_prompt_row_tokens(self) -> int:
+        return self.config.shared_prompt_row_tokens if can_share_prompts(self.causal_lm.config) else 0
+
     def _micro_batch(self, samples: list[TrainSample]) -> MicroBatch:
-        return MicroBatch.of(samples, self.device)
+        return MicroBatch.of(samples, self.device, self._shared_prompt_row_tokens())
 
     def _token_logprobs(self, batch: MicroBatch) -> torch.Tensor:
-        return self.model(batch.input_ids, batch.attention, batch.temperatures)
+        return self.model(batch.input_ids, batch.attention, batch.temperatures, batch.shared_prompts)
 
     def train(self, samples: list[TrainSample], policy_version: int, ptx: list[TrainSample] = (),
               ptx_coef: float = 0.0, skipped_units: float = 0.0, lr: float | None = None) -> dict[str, float | tuple[float, float]]:
@@ -309,13 +321,20 @@ class TrainerWorker:
 
     def _mini_batches(self, samples: list[TrainSample], steps: int) -> list[list[MicroBatch]]:
         """`steps` equal mini-batches of micro-batches of at most `trainer.micro_batch_size`. Within a
-        mini-batch, samples of similar length share a micro-batch, so that little of it is padding:
-        the mini-batch's loss and gradient are sums over its samples, whatever their grouping."""
+        mini-batch, samples of one prompt share a micro-batch when their prompt is computed once
+        (`trainer.shared_prompt_row_tokens`), and samples of similar length otherwise, so that little
+        of it is padding: the mini-batch's loss and gradient are sums over its samples, whatever
+        their grouping."""
         per_step, micro = len(samples) // steps, self.config.micro_batch_size
         mini_batches = []
         for step in range(steps):
-            by_length = sorted(samples[step * per_step : (step + 1) * per_step], key=lambda sample: len(sample.token_ids))
-            mini_batches.append([self._micro_batch(by_length[start : start + micro]) for start in range(0, per_step, micro)])
+            shard = samples[step * per_step : (step + 1) * per_step]
+            if self._shared_prompt_row_tokens():
+                groups = sorted(prompt_groups(shard), key=lambda group: sum(len(sample.token_ids) for sample in group))
+                ordered = [sample for group in groups for sample in group]
+            else:
+                ordered = sorted(shard, key=lambda sample: len(sample.token_ids))
+            mini_batches.append([self._micro_batch(ordered[start : start + micro]) for start in range(0, per_step, micro)])
         return mini_batches
 
     def train_step(self, mini_batch: list[MicroBatch], old_logprobs: list[torch.Tensor] | None,
