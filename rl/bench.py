@@ -2,9 +2,11 @@
 
 The baseline is the strong simple loop a TRL user gets: one process, every core's threads, one
 batched Hugging Face `generate` with its KV cache for the rollout, then the same loss (K2's) and
-optimizer (`trainer.optimizer`, AdamW by default) on the same micro-batches. Both sides sample the
-same prompts, and every response is forced to the same length (`ignore_eos`), so they do equal work,
-in the same dtype (`model.dtype`; auto picks bfloat16 on a CPU with AMX, float32 on others).
+optimizer (`trainer.optimizer`, AdamW by default) on the same micro-batches, each sample a row of its
+own. Both sides sample the same prompts, and every response is forced to the same length
+(`ignore_eos`), so they generate and train on the same tokens, in the same dtype (`model.dtype`;
+auto picks bfloat16 on a CPU with AMX, float32 on others); how each side computes them is its own
+(k2rl's trainer computes a group's prompt once, rl/trainer/shared_prompts.py).
 
 Two sizes: the embedded default policy, and a larger Qwen2-shaped model of random weights (about
 60 M parameters) built with the default policy's tokenizer. Each side runs `warmup` untimed steps,
