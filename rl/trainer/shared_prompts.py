@@ -53,7 +53,7 @@ class SharedPromptRows:
         allowed = self.allowed[:, None]
         if attention_implementation == _BOOLEAN_MASK:
             return allowed
-        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min).to(allowed.device)
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 def can_share_prompts(config: PretrainedConfig) -> bool:
@@ -63,11 +63,15 @@ def can_share_prompts(config: PretrainedConfig) -> bool:
     return (attention == _BOOLEAN_MASK or attention in _ADDITIVE_MASK) and full_attention
 
 
+def _prompt(sample: TrainSample) -> tuple[int, ...]:
+    return tuple(sample.token_ids[: sample.prompt_len])
+
+
 def prompt_groups(samples: list[TrainSample]) -> list[list[TrainSample]]:
     """The samples grouped by prompt, groups in the order of their first sample."""
     by_prompt: dict[tuple[int, ...], list[TrainSample]] = {}
     for sample in samples:
-        by_prompt.setdefault(tuple(sample.token_ids[: sample.prompt_len]), []).append(sample)
+        by_prompt.setdefault(_prompt(sample), []).append(sample)
     return list(by_prompt.values())
 
 
@@ -78,7 +82,7 @@ def pack(samples: list[TrainSample], row_tokens: int) -> SharedPromptRows | None
     row_lengths: list[int] = []
     open_row: dict[tuple[int, ...], int] = {}
     for index, sample in enumerate(samples):
-        prompt = tuple(sample.token_ids[: sample.prompt_len])
+        prompt = _prompt(sample)
         continuation = len(sample.token_ids) - sample.prompt_len
         row = open_row.get(prompt)
         if row is not None and row_lengths[row] + continuation <= row_tokens:

@@ -267,7 +267,13 @@ class TrainerWorker:
         return MicroBatch.of(samples, self.device, self._shared_prompt_row_tokens())
 
     def _token_logprobs(self, batch: MicroBatch) -> torch.Tensor:
-        return self.model(batch.input_ids, batch.attention, batch.temperatures, batch.shared_prompts)
+        logprobs = self.model(batch.input_ids, batch.attention, batch.temperatures, batch.shared_prompts)
+        if not torch.is_grad_enabled():
+            # The replicated strategy's root module keeps its parameters gathered after a forward
+            # until the backward (FSDP2's root is told to reshard after forward, rl/trainer/parallel.py).
+            # With no backward to come, a state dict saved or loaded next would find them gathered.
+            self.model.reshard()
+        return logprobs
 
     def train(self, samples: list[TrainSample], policy_version: int, ptx: list[TrainSample] = (),
               ptx_coef: float = 0.0, skipped_units: float = 0.0, lr: float | None = None) -> dict[str, float | tuple[float, float]]:
@@ -402,7 +408,6 @@ class TrainerWorker:
             micro = self._micro_batch(samples[start : start + self.config.micro_batch_size])
             nll -= (self._token_logprobs(micro) * micro.loss_mask).sum().item()
             tokens += micro.loss_mask.sum().item()
-        self._reshard_after_no_grad_forward()
         return nll, tokens
 
     @torch.no_grad()
@@ -411,15 +416,7 @@ class TrainerWorker:
         self._on_device(with_optimizer=False)
         n = len(token_ids) - 1
         sample = TrainSample(list(token_ids), 1, [1] * n, [0.0] * n, [1.0] * n, [0] * n, 0.0)
-        logprobs = self._token_logprobs(self._micro_batch([sample]))[0].tolist()
-        self._reshard_after_no_grad_forward()
-        return logprobs
-
-    def _reshard_after_no_grad_forward(self) -> None:
-        """The replicated strategy's root module keeps its parameters gathered after a forward until
-        the backward (FSDP2's root is told to reshard after forward, rl/trainer/parallel.py); with no
-        backward to come, loading a state dict (`reset`, `load_state`) would find them gathered."""
-        self.model.reshard()
+        return self._token_logprobs(self._micro_batch([sample]))[0].tolist()
 
     def save_model(self, out_dir: str) -> None:
         """A Hugging Face model directory (weights, config, tokenizer) that vLLM and transformers load,
