@@ -176,8 +176,9 @@ class RolloutEngine:
         if not self._started:
             read_from_disk = self.spec.load_format != "dummy"
             await self._llm.collective_rpc("k2rl_keep_plain_weights", args=(read_from_disk,))
-            if read_from_disk:
-                await self._llm.collective_rpc("k2rl_pack_weights")
+            # Packed even when the values are still undefined (dummy weights): a compiled CPU model
+            # reads each layer's packed kernel, and the warm-up below runs it.
+            await self._llm.collective_rpc("k2rl_pack_weights")
             token = self._llm.get_tokenizer().eos_token_id or 0
             warm_up = GenerationRequest("warm-up", (token, token), max_tokens=2, temperature=1.0, seed=0)
             await self._generate_one(warm_up, self._params(warm_up))

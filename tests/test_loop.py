@@ -62,11 +62,16 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled model of a CPU engine")
-def test_a_compiled_cpu_engine_generates_with_the_weights_of_each_update(tiny_policy, ray_cluster, tmp_path):
-    """vLLM compiles its CPU model around the packed weights' handles; updates must reach it."""
+@pytest.mark.parametrize(("dtype", "tolerance"), [
+    ("float32", 1e-3),
+    # vLLM's AMX kernel for 16-bit weights: packed differently from the oneDNN one of float32.
+    pytest.param("bfloat16", 0.05, marks=pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="needs AMX")),
+])
+def test_a_compiled_cpu_engine_generates_with_the_weights_of_each_update(tiny_policy, ray_cluster, tmp_path, dtype, tolerance):
+    """vLLM compiles its CPU model around the packed weights; updates must reach it."""
     config = load_config(None, ["steps=2", "data.prompts_per_step=2", "rollout.n_samples=2", "data.eval_size=4",
                                 "data.eval_every=2", "trainer.data_parallel_size=1", "rollout.enforce_eager=false",
-                                *TINY_WORKERS, f"model.path={tiny_policy}"])
+                                *TINY_WORKERS, f"model.path={tiny_policy}", f"model.dtype={dtype}"])
     probe = Renderer.from_pretrained(str(tiny_policy)).prompt([{"role": "user", "content": "Tom has 3 coins and finds 4 more."}])
     gaps = []
 
@@ -74,9 +79,9 @@ def test_a_compiled_cpu_engine_generates_with_the_weights_of_each_update(tiny_po
         gaps.append(_engine_trainer_gap(workers, probe))
 
     assert Controller(config, tmp_path / "run").run(str(tiny_policy), on_step=compare_logprobs).weight_version == 2
-    assert len(gaps) == 2 and all(gap < 1e-3 for gap in gaps), gaps
+    assert len(gaps) == 2 and all(gap < tolerance for gap in gaps), gaps
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["logprob_diff_mean"] < 1e-3 for row in rows[1:])
+    assert all(row["logprob_diff_mean"] < tolerance for row in rows[1:])
 
 
 @pytest.mark.parametrize(
