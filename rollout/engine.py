@@ -31,6 +31,10 @@ _PREFILL_TOKENS = 8192
 # How long the engine core may take to exit before it is killed. It holds nothing worth saving, and
 # at exit its interpreter spends seconds collecting garbage: vLLM's default wait (5 s) is then all spent.
 _CORE_EXIT_GRACE_S = 1.0
+# How much of the end of the engine's stderr log is searched for the engine core's last error, and
+# how long a failed engine core may take to exit and write it there.
+_LOG_TAIL_CHARS = 200_000
+_CORE_EXIT_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,10 @@ class RolloutEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.spec = spec
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_arguments(spec)))
+        try:
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_arguments(spec)))
+        except Exception as error:
+            raise _with_engine_core_cause(error) from None
         self._node_id = _node_id()
         # None until weights from weight sync have fully arrived (also after a failed update).
         self.weight_version: int | None = 0 if spec.load_format != "dummy" else None
@@ -174,16 +181,22 @@ class RolloutEngine:
         """Finish starting: plain weights for cheap updates, and one tiny generation, so that a model
         the backend cannot run fails here, at start. Returns the weight version held."""
         if not self._started:
-            read_from_disk = self.spec.load_format != "dummy"
-            await self._llm.collective_rpc("k2rl_keep_plain_weights", args=(read_from_disk,))
-            # Packed even when the values are still undefined (dummy weights): a compiled CPU model
-            # reads each layer's packed kernel, and the warm-up below runs it.
-            await self._llm.collective_rpc("k2rl_pack_weights")
-            token = self._llm.get_tokenizer().eos_token_id or 0
-            warm_up = GenerationRequest("warm-up", (token, token), max_tokens=2, temperature=1.0, seed=0)
-            await self._generate_one(warm_up, self._params(warm_up))
+            try:
+                await self._start()
+            except Exception as error:
+                raise _with_engine_core_cause(error) from None
             self._started = True
         return self.weight_version
+
+    async def _start(self) -> None:
+        read_from_disk = self.spec.load_format != "dummy"
+        await self._llm.collective_rpc("k2rl_keep_plain_weights", args=(read_from_disk,))
+        # Packed even when the values are still undefined (dummy weights): a compiled CPU model
+        # reads each layer's packed kernel, and the warm-up below runs it.
+        await self._llm.collective_rpc("k2rl_pack_weights")
+        token = self._llm.get_tokenizer().eos_token_id or 0
+        warm_up = GenerationRequest("warm-up", (token, token), max_tokens=2, temperature=1.0, seed=0)
+        await self._generate_one(warm_up, self._params(warm_up))
 
     def node_id(self) -> str:
         return self._node_id
@@ -362,6 +375,30 @@ class RolloutEngine:
     def _require_weights(self) -> None:
         if self.weight_version is None:
             raise WeightSyncError("this engine holds no complete weight version (an update did not finish)")
+
+
+def _with_engine_core_cause(error: Exception) -> Exception:
+    """The exception that ended vLLM's engine core, in place of `error`, when that is known. vLLM
+    reports a dead engine core as "see the stack trace above": the trace went to this process's
+    stderr, which under Ray is a log file on the engine's node. The error names the trace's last
+    line and the file; elsewhere (stderr a terminal or a pipe) `error` stays as it is."""
+    import psutil
+
+    # The engine core reports its death first and writes the trace as it exits.
+    psutil.wait_procs(psutil.Process().children(recursive=True), timeout=_CORE_EXIT_WAIT_S)
+    try:
+        log = os.readlink("/proc/self/fd/2")
+        with open(log, errors="replace") as stderr:
+            lines = stderr.read()[-_LOG_TAIL_CHARS:].splitlines()
+    except OSError:
+        return error
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return error
+    cause = next((line for line in lines[starts[-1] + 1 :] if line[:1] not in ("", " ", "\t")), None)
+    if cause is None:
+        return error
+    return RuntimeError(f"its engine core failed: {cause.strip()} (the trace: {log})")
 
 
 def _node_id() -> str:

@@ -1,4 +1,4 @@
-"""An engine that cannot start ends `k2rl train` with one line naming it, and leaves no process behind."""
+"""An engine that cannot start ends `k2rl train` with one line naming it and its cause, and leaves no process behind."""
 
 import json
 import shutil
@@ -29,5 +29,7 @@ def test_engine_start_failure_is_one_line_and_leaves_no_processes(tiny_policy, r
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if line.startswith("k2rl: error:")]
     assert len(error_lines) == 1 and "rollout engine 0 failed to start" in error_lines[0], err[-2000:]
+    # The engine core's own error, not vLLM's "see the stack trace above", which went to a log file.
+    assert "head_dim=16" in error_lines[0] and "(the trace: " in error_lines[0], error_lines[0]
 
     assert_all_exit(lambda: run_processes() - before, 20, "the failed run")
