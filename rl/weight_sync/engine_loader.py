@@ -6,15 +6,18 @@ tensor-parallel shard. That needs every linear layer to keep its weight as a pla
 on CPU, vLLM instead packs each weight for its fast kernels (oneDNN) once at load time and
 drops the plain copy, and rebuilding a layer from the checkpoint loader on every update costs
 many times the copy itself. So before the first update, `k2rl_keep_plain_weights` gives those
-layers their plain weight back, and after each update `k2rl_pack_weights` packs them again from
-the plain weights: updates stay copies, and generation keeps the packed kernels (about twice as
-fast as torch's linear on the plain weights, at the price of a second copy of the weights in
-memory). On GPU there is nothing to pack.
+layers their plain weight back, and at start and after each update `k2rl_pack_weights` packs them
+again from the plain weights: updates stay copies, and generation keeps the packed kernels (about
+twice as fast as torch's linear on the plain weights, at the price of a second copy of the weights
+in memory). On GPU there is nothing to pack.
 
 A oneDNN layer is packed again into the handle vLLM gave it at load: the handle's pointer, which
 vLLM keeps in a tensor so that a compiled model reads it at every call, is swapped in place. A
 compiled CPU model (`rollout.enforce_eager=false`) therefore runs on the new weights too; it was
-compiled around that handle, and a new one would never reach it.
+compiled around that handle, and a new one would never reach it. The AMX kernel for 16-bit weights
+keeps its packed weight in the closure of the layer's `cpu_linear` instead, which the compiled
+model reads at every call: packing gives the layer a new one, and the engine packs at start so
+that no layer is left with torch's plain linear, which has no such closure.
 """
 
 from __future__ import annotations
