@@ -120,7 +120,9 @@ class RolloutConfig:
     ignore_eos: bool = False
     # Two: on CPU an engine's per-step work (scheduling, sampling, the many small kernels of a small
     # model) runs on one core, so at the default size two engines of one thread each generate about
-    # 1.5x faster than one engine of two threads (docs/BENCHMARKS.md). On GPU, one per GPU set aside.
+    # 1.5x faster than one engine of two threads (docs/BENCHMARKS.md). A model whose decode step is
+    # bound by reading its weights (60 M parameters on a 2-core AMX CPU) generates faster on one
+    # engine of all cores, compiled (enforce_eager=false). On GPU, one per GPU set aside.
     num_engines: int = 2
     # vLLM tensor parallelism inside each engine (GPU only); each worker takes its shards of the
     # full tensors the checkpoint engine writes.
