@@ -23,7 +23,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -59,7 +59,9 @@ class Side:
     tokens_per_s: float
     rollout_tokens_per_s: float
     train_tokens_per_s: float
-    breakdown: dict[str, float] = field(default_factory=dict)
+    breakdown: dict[str, float]
+    # How the side generated, e.g. "2 eager engines".
+    layout: str
 
 
 @dataclass
@@ -107,6 +109,7 @@ class StepBench:
                 f"train {ratios['train']:.2f}x"
             )
             lines.append("  k2rl step: " + ", ".join(f"{k} {v:.2f} s" for k, v in size.k2rl.breakdown.items()))
+            lines.append(f"  rollout: k2rl on {size.k2rl.layout}, the baseline by {size.baseline.layout}")
         return "\n".join(lines)
 
 
@@ -129,14 +132,6 @@ def large_model(out_dir: Path, tokenizer_dir: Path) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir
-
-
-def _parameters(model_path: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_memory(parameters: int, size: str) -> None:
@@ -170,15 +165,18 @@ def run_k2rl(config: RunConfig, model_path: str, warmup: int) -> Side:
     from rl.loop import Controller
 
     with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as run_dir:
-        Controller(config, Path(run_dir)).run(model_path).completed()
+        controller = Controller(config, Path(run_dir))
+        controller.run(model_path).completed()
         rows = read_metrics(Path(run_dir))[1 + warmup :]
+    rollout = controller.config.rollout
+    layout = f"{rollout.num_engines} {'eager' if rollout.enforce_eager else 'compiled'} engine{'s' if rollout.num_engines > 1 else ''}"
     phases = {
         "rollout": "time_rollout_s", "reward": "time_reward_s", "train": "time_train_s", "weight sync": "time_weight_sync_s",
     }
     breakdown = {name: statistics.median(row[key] for row in rows) for name, key in phases.items()}
     step = statistics.median(row["time_step_s"] for row in rows)
     breakdown["rest"] = max(step - sum(breakdown.values()), 0.0)
-    return _side(config, step, breakdown["rollout"], breakdown["train"], breakdown, prompt_tokens=_prompt_tokens(config, model_path))
+    return _side(config, step, breakdown["rollout"], breakdown["train"], breakdown, _prompt_tokens(config, model_path), layout)
 
 
 class Baseline:
@@ -270,7 +268,7 @@ def run_baseline(config: RunConfig, model_path: str, warmup: int, steps: int) ->
     finally:
         baseline.close()
     step, rollout, train = (statistics.median(t[i] for t in timings) for i in range(3))
-    return _side(config, step, rollout, train, {}, prompt_tokens=_prompt_tokens(config, model_path))
+    return _side(config, step, rollout, train, {}, _prompt_tokens(config, model_path), "generate in one process")
 
 
 def _prompt_tokens(config: RunConfig, model_path: str) -> float:
@@ -282,7 +280,8 @@ def _prompt_tokens(config: RunConfig, model_path: str) -> float:
     return statistics.mean(len(renderer.prompt(t.messages)) for t in tasks)
 
 
-def _side(config: RunConfig, step: float, rollout: float, train: float, breakdown: dict, prompt_tokens: float) -> Side:
+def _side(config: RunConfig, step: float, rollout: float, train: float, breakdown: dict, prompt_tokens: float,
+          layout: str) -> Side:
     completions = config.data.prompts_per_step * config.rollout.n_samples
     length = config.rollout.token_budgets["arithmetic"]
     generated = completions * length
@@ -290,7 +289,7 @@ def _side(config: RunConfig, step: float, rollout: float, train: float, breakdow
         step_s=step, rollout_s=rollout, train_s=train,
         completions_per_s=completions / step, tokens_per_s=generated / step,
         rollout_tokens_per_s=generated / rollout, train_tokens_per_s=completions * (length + prompt_tokens) / train,
-        breakdown=breakdown,
+        breakdown=breakdown, layout=layout,
     )
 
 
@@ -307,6 +306,7 @@ class BenchSize:
 def built_in_sizes(names: list[str], scratch: Path) -> list[BenchSize]:
     """The default policy (16 prompts x 8 samples, the default run's step) and the large model (8 x 4)."""
     from rl.bootstrap import ensure_default_policy
+    from rl.cluster.placement import model_parameters
 
     default_policy = ensure_default_policy()
     sizes = []
@@ -314,7 +314,7 @@ def built_in_sizes(names: list[str], scratch: Path) -> list[BenchSize]:
         if name == "default":
             sizes.append(BenchSize(name, str(default_policy), 16, 8))
         elif name == "large":
-            check_memory(_large_parameters(default_policy), name)
+            check_memory(model_parameters(large_config(default_policy)), name)
             sizes.append(BenchSize(name, str(large_model(scratch / "large", default_policy)), 8, 4))
         else:
             raise ConfigError(f"unknown bench size {name!r} (known: default, large)")
@@ -324,12 +324,14 @@ def built_in_sizes(names: list[str], scratch: Path) -> list[BenchSize]:
 def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int,
                    overrides: tuple[str, ...] = ()) -> StepBench:
     """Both sides at each size: k2rl first (on a Ray cluster of its own), then the baseline alone."""
-    from rl.cluster.placement import resolve_dtype
+    from transformers import AutoConfig
+
+    from rl.cluster.placement import model_parameters, resolve_dtype
     from rl.cluster.ray_session import ray_session
 
     results = []
     for size in sizes:
-        parameters = _parameters(size.model_path)
+        parameters = model_parameters(AutoConfig.from_pretrained(size.model_path))
         check_memory(parameters, size.name)
         config = bench_config(size.model_path, size.prompts, size.samples, length, warmup + steps, overrides)
         with ray_session():
@@ -340,9 +342,3 @@ def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int,
         results.append(SizeResult(size.name, parameters, config.model.dtype, size.prompts * size.samples, length, k2rl, baseline))
     return StepBench(results)
 
-
-def _large_parameters(tokenizer_dir: Path) -> int:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(large_config(tokenizer_dir)).parameters())

@@ -118,20 +118,22 @@ class RolloutConfig:
     # Generate every response to its token budget, ignoring the end of sequence (benchmarks that
     # must compare equal work).
     ignore_eos: bool = False
-    # Two: on CPU an engine's per-step work (scheduling, sampling, the many small kernels of a small
-    # model) runs on one core, so at the default size two engines of one thread each generate about
-    # 1.5x faster than one engine of two threads (docs/BENCHMARKS.md). A model whose decode step is
-    # bound by reading its weights (60 M parameters on a 2-core AMX CPU) generates faster on one
-    # engine of all cores, compiled (enforce_eager=false). On GPU, one per GPU set aside.
-    num_engines: int = 2
+    # "auto" (rl/cluster/placement.py, `resolve_engines`): on CPU two engines for a model under 20 M
+    # parameters, one engine of all cores for a larger one. A small model's per-step work
+    # (scheduling, sampling, many small kernels) runs on one core, so two engines of one thread each
+    # generate about 1.5x faster than one of two threads; a larger model's decode step is bound by
+    # its matrix products, which one engine spreads over all cores (docs/BENCHMARKS.md). On GPU, one
+    # engine per GPU the trainer leaves (colocated: one per trainer rank).
+    num_engines: int | str = "auto"
     # vLLM tensor parallelism inside each engine (GPU only); each worker takes its shards of the
     # full tensors the checkpoint engine writes.
     tensor_parallel_size: int = 1
     kv_cache_gib: int = 1
     max_model_len: int = 256
-    # false compiles the model (torch.compile; on GPU with CUDA graphs): on CPU the default run's
-    # rollout took 10-25% less time, and each engine start takes 15-35 s longer.
-    enforce_eager: bool = True
+    # false compiles the model (torch.compile; on GPU with CUDA graphs): each engine start takes
+    # 15-35 s longer. "auto": compiled on CPU for a model of 20 M parameters or more (its rollout
+    # took 25% less time, against 10-25% at the default size), eager otherwise and on GPU.
+    enforce_eager: bool | str = "auto"
     # On CPU, the torch threads of each engine; 0: its node's cores shared among the engines placed
     # there (engines and trainer take turns, so an engine may use the cores the trainer leaves idle).
     cpu_threads: int = 0
@@ -338,7 +340,6 @@ class RunConfig:
             "data.eval_every": self.data.eval_every,
             "rollout.n_samples": self.rollout.n_samples,
             "rollout.default_token_budget": self.rollout.default_token_budget,
-            "rollout.num_engines": self.rollout.num_engines,
             "rollout.tensor_parallel_size": self.rollout.tensor_parallel_size,
             "rollout.kv_cache_gib": self.rollout.kv_cache_gib,
             "rollout.max_model_len": self.rollout.max_model_len,
@@ -356,6 +357,11 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
+        engines = self.rollout.num_engines
+        if engines != "auto" and (isinstance(engines, str) or engines <= 0):
+            raise ConfigError(f"rollout.num_engines must be > 0 or auto, got {engines!r}")
+        if isinstance(self.rollout.enforce_eager, str) and self.rollout.enforce_eager != "auto":
+            raise ConfigError(f"rollout.enforce_eager must be true, false or auto, got {self.rollout.enforce_eager!r}")
         for task_type, budget in self.rollout.token_budgets.items():
             if budget <= 0:
                 raise ConfigError(f"rollout.token_budgets.{task_type} must be > 0, got {budget}")

@@ -246,12 +246,12 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
     return PartialResult(short, long, long_share, budget, sides[0], sides[1])
 
 
-def default_engine_threads() -> int:
-    """The CPU threads each engine of the default run has on this machine: its cores shared among
-    the default's engines (what `rollout.cpu_threads: 0` gives them)."""
-    from rl.cluster.placement import shared_cores
+def default_engine_threads(model_path: str) -> int:
+    """The CPU threads each engine of a default run of this model has on this machine: its cores
+    shared among the engines the default gives the model (what `rollout.cpu_threads: 0` gives them)."""
+    from rl.cluster.placement import resolve_engines, shared_cores
 
-    engines = RunConfig().rollout.num_engines
+    engines = resolve_engines(load_config(None, [f"model.path={model_path}"]), model_path).rollout.num_engines
     return shared_cores(["local"] * engines, {"local": os.cpu_count() or 1}, 0)
 
 
@@ -265,7 +265,7 @@ def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int,
 
     # The overhead compares the rollout layer over one engine with one offline `LLM`, each computing
     # as one engine of the default run does on this machine: with its share of the cores.
-    overrides = (f"rollout.cpu_threads={default_engine_threads()}", "rollout.num_engines=1", *overrides)
+    overrides = (f"rollout.cpu_threads={default_engine_threads(model_path)}", "rollout.num_engines=1", *overrides)
     engines = load_config(None, overrides).rollout.num_engines
     if engines != 1:
         raise ConfigError(f"k2rl bench rollout compares one engine with one offline LLM: rollout.num_engines must stay 1, got {engines}")

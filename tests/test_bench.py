@@ -94,9 +94,10 @@ def test_a_bench_size_that_does_not_fit_is_one_line():
 def test_the_large_size_is_a_deeper_model_with_the_policys_tokenizer(tiny_policy, tmp_path):
     from transformers import AutoConfig
 
-    from rl.bench import LARGE, _large_parameters, large_model
+    from rl.bench import LARGE, large_config, large_model
+    from rl.cluster.placement import model_parameters
 
     config = AutoConfig.from_pretrained(large_model(tmp_path / "large", tiny_policy))
     assert all(getattr(config, key) == value for key, value in LARGE.items())
     assert len(config.layer_types) == config.num_hidden_layers
-    assert 50e6 < _large_parameters(tiny_policy) < 100e6
+    assert 50e6 < model_parameters(large_config(tiny_policy)) < 100e6

@@ -59,6 +59,9 @@ def test_overrides_are_typed():
         (["rollout.cpu_threads=-1"], "rollout.cpu_threads must be >= 0"),
         (["rollout.placement=shared"], "rollout.placement must be disaggregated or colocated"),
         (["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size must be > 0"),
+        (["rollout.num_engines=0"], "rollout.num_engines must be > 0 or auto, got 0"),
+        (["rollout.num_engines=many"], "rollout.num_engines must be > 0 or auto, got 'many'"),
+        (["rollout.enforce_eager=sometimes"], "rollout.enforce_eager must be true, false or auto, got 'sometimes'"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -29,12 +29,13 @@ def test_an_engine_batches_as_many_requests_as_the_rollout_runs_at_once(tiny_pol
     from vllm import AsyncEngineArgs
 
     from rl.cluster.engine_pool import run_engine_spec
+    from rl.cluster.placement import resolve_engines
     from rollout.engine import engine_arguments
 
     # engine_arguments sets what an engine's process reads; this process keeps its own settings.
     monkeypatch.setattr(os, "environ", dict(os.environ))
     monkeypatch.setattr(torch._dynamo.config, "disable", torch._dynamo.config.disable)
-    config = load_config(None, [f"model.path={tiny_policy}", "rollout.max_concurrent_episodes=300"])
+    config = resolve_engines(load_config(None, [f"model.path={tiny_policy}", "rollout.max_concurrent_episodes=300"]), str(tiny_policy))
     spec = run_engine_spec(config, str(tiny_policy), sleep_between_rollouts=False)
     assert AsyncEngineArgs(**engine_arguments(spec)).create_engine_config().scheduler_config.max_num_seqs == 300
 
@@ -57,3 +58,43 @@ def test_auto_dtype_is_bfloat16_where_the_devices_multiply_in_it(monkeypatch):
             assert resolve_dtype(load_config()).model.dtype == expected, (in_ray, gpus, amx)
     for chosen in ("float32", "bfloat16", "float16"):
         assert resolve_dtype(load_config(None, [f"model.dtype={chosen}"])).model.dtype == chosen
+
+
+def test_auto_engines_are_two_eager_ones_for_a_small_model_and_one_compiled_for_a_large_one_on_cpu():
+    from rl.cluster.placement import LARGE_ENGINE_PARAMETERS, engine_layout
+
+    assert engine_layout(0, 2, 1, False, LARGE_ENGINE_PARAMETERS - 1) == (2, True)
+    assert engine_layout(0, 2, 1, False, LARGE_ENGINE_PARAMETERS) == (1, False)
+
+
+def test_auto_engines_take_the_gpus_the_trainer_leaves():
+    from rl.cluster.placement import engine_layout
+
+    assert engine_layout(8, 4, 2, False, 10**9) == (2, True)
+    assert engine_layout(8, 6, 1, False, 10**6) == (2, True)
+    # Colocated, engine i shares device i with trainer rank i.
+    assert engine_layout(4, 4, 1, True, 10**9) == (4, True)
+    # Too few GPUs left: one engine, and the placement's check names what is missing.
+    assert engine_layout(1, 1, 1, False, 10**6) == (1, True)
+
+
+def test_auto_engines_resolve_for_the_model_and_chosen_values_stay(tiny_policy, tmp_path, monkeypatch):
+    """The bench's large model (60 M parameters) gets one compiled engine on CPU, the tiny policy two eager ones."""
+    import ray
+    import torch
+
+    from rl.bench import large_config
+    from rl.cluster.placement import resolve_engines
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    large_config(tiny_policy).save_pretrained(tmp_path)
+
+    def layout(model, *overrides):
+        rollout = resolve_engines(load_config(None, [f"model.path={model}", *overrides]), str(model)).rollout
+        return rollout.num_engines, rollout.enforce_eager
+
+    assert layout(tiny_policy) == (2, True)
+    assert layout(tmp_path) == (1, False)
+    assert layout(tmp_path, "rollout.num_engines=3") == (3, False)
+    assert layout(tmp_path, "rollout.enforce_eager=true") == (1, True)

@@ -35,6 +35,48 @@ def resolve_dtype(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16" if native else "float32"))
 
 
+# On CPU, `rollout.num_engines: auto` and `rollout.enforce_eager: auto` give a model at least this
+# large one compiled engine of all cores, and a smaller one two eager engines (rl/config.py says why).
+LARGE_ENGINE_PARAMETERS = 20_000_000
+
+
+def model_parameters(model_config) -> int:
+    """The parameters of a model of this Hugging Face config, counted on the meta device (nothing is allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
+
+
+def resolve_engines(config: RunConfig, model_path: str) -> RunConfig:
+    """`config` with `rollout.num_engines: auto` and `rollout.enforce_eager: auto` made concrete for
+    this model and cluster (see `engine_layout`). Resolved once, before any actor starts, as the dtype."""
+    rollout = config.rollout
+    if "auto" not in (rollout.num_engines, rollout.enforce_eager):
+        return config
+    from transformers import AutoConfig
+
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
+    world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
+    parameters = model_parameters(AutoConfig.from_pretrained(model_path))
+    engines, eager = engine_layout(gpus, world, rollout.tensor_parallel_size, rollout.placement == "colocated", parameters)
+    return dataclasses.replace(config, rollout=dataclasses.replace(
+        rollout,
+        num_engines=engines if rollout.num_engines == "auto" else rollout.num_engines,
+        enforce_eager=eager if rollout.enforce_eager == "auto" else rollout.enforce_eager,
+    ))
+
+
+def engine_layout(gpus: int, world: int, engine_tp: int, colocated: bool, parameters: int) -> tuple[int, bool]:
+    """How many engines, and whether they run eager: on GPU one engine per GPU the trainer's `world`
+    ranks leave (colocated: one per rank), eager; on CPU one compiled engine for a model of
+    LARGE_ENGINE_PARAMETERS or more, else two eager ones."""
+    if gpus:
+        return (world if colocated else max(1, (gpus - world) // engine_tp)), True
+    large = parameters >= LARGE_ENGINE_PARAMETERS
+    return (1, False) if large else (2, True)
+
+
 class Placement:
     def __init__(self, config: RunConfig, timeout_s: float = 120.0):
         self.world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
