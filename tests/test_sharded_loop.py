@@ -80,7 +80,8 @@ def test_tp2_trainer_two_engines_and_an_engine_restart(tiny_policy, ray_cluster,
             assert max(engine_gaps(workers)) < 1e-3
         if step == 2:
             # An engine that dies more often than rollout.max_engine_restarts allows ends the run clearly.
-            config.rollout.max_engine_restarts = 1
+            # The pool's own config: the run resolved the test's (its auto keys) into a new one.
+            workers.engines.config.rollout.max_engine_restarts = 1
             ray_cluster.kill(workers.engines.engines[0])
             workers.engines.restarts[0] = 1
             rollout = RolloutManager(config, workers.engines, renderer, RewardScorer(0))
