@@ -30,9 +30,13 @@ def resolve_dtype(config: RunConfig) -> RunConfig:
     and trainer agree and the run's saved config names the dtype it trained in."""
     if config.model.dtype != "auto":
         return config
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
-    native = bool(gpus) or torch.cpu._is_amx_tile_supported()
+    native = bool(_cluster_gpus()) or torch.cpu._is_amx_tile_supported()
     return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16" if native else "float32"))
+
+
+def _cluster_gpus() -> int:
+    """The GPUs of the Ray cluster, or of this machine outside Ray: what an `auto` setting is resolved for."""
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
 
 
 # On CPU, `rollout.num_engines: auto` and `rollout.enforce_eager: auto` give a model at least this
@@ -56,10 +60,9 @@ def resolve_engines(config: RunConfig, model_path: str) -> RunConfig:
         return config
     from transformers import AutoConfig
 
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
     world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
     parameters = model_parameters(AutoConfig.from_pretrained(model_path))
-    engines, eager = engine_layout(gpus, world, rollout.tensor_parallel_size, rollout.placement == "colocated", parameters)
+    engines, eager = engine_layout(_cluster_gpus(), world, rollout.tensor_parallel_size, rollout.placement == "colocated", parameters)
     return dataclasses.replace(config, rollout=dataclasses.replace(
         rollout,
         num_engines=engines if rollout.num_engines == "auto" else rollout.num_engines,
