@@ -8,9 +8,11 @@ weak, and mostly answers directly, so that RL has something to improve.
 
 Two more embedded policies (`model.embedded`), each cached under a name of its own so that the
 default policy stays exactly as it is:
-- `self-critique`: a longer context and comparison examples mixed into the SFT: a question, a right
-  and a wrong solution (or two equally good ones) in the comparison prompt of rewards/rubric.py,
-  and the verdict. Its critic then starts above chance.
+- `self-critique`: a longer context and comparison examples mixed into the SFT: a question, two
+  solutions in the comparison prompt of rewards/rubric.py (a right and a wrong one, two right or
+  two wrong ones), and a reply that works the problem out, checks each response's answer against
+  its own digit by digit (`check_line`), and ends with the verdict. Its critic then starts above
+  chance.
 - `tool-use`: 3-digit multiplications (which a model this small cannot do in its head) mixed into
   the SFT, half of them solved as a `python-tool` episode: a fenced python block that prints
   the product, the tool's reply, then the boxed answer; the rest answered directly (and so, at
@@ -64,14 +66,18 @@ class BootstrapSpec:
     max_positions: int = 256
     sft_batch_size: int = 64
     sft_lr: float = 2e-3
+    # The SFT learning rate falls linearly from sft_lr to this; None keeps it constant.
+    sft_lr_end: float | None = None
     sft_steps: int = 1000
     eval_size: int = 200
     worked_fraction: float = 0.4
     # This share of the SFT batches are comparisons of two solutions, answered with the verdict (the
     # critic's warm start); 0 builds exactly the default policy.
     comparison_fraction: float = 0.0
-    # Of the comparisons, this share pairs two equally good solutions (verdict TIE).
+    # Of the comparisons, this share pairs two right solutions, and this share two wrong ones (both
+    # verdict TIE): with both kinds, one response's check cannot be guessed from the other's.
     tie_fraction: float = 0.2
+    both_wrong_fraction: float = 0.0
     # This share of the SFT batches are 3-digit multiplications in the python-tool environment's
     # prompt; of those, `tool_call_fraction` are solved with a tool call, the rest directly. 0
     # builds exactly the default policy.
@@ -84,13 +90,20 @@ class BootstrapSpec:
 # problems as the default policy does; so has the tool-use policy.
 EMBEDDED_POLICIES = {
     "default": (POLICY_NAME, BootstrapSpec()),
-    "self-critique": ("arith-qwen2-critic-v1", BootstrapSpec(max_positions=512, comparison_fraction=0.3, sft_steps=1400)),
+    "self-critique": (
+        "arith-qwen2-critic-v2",
+        BootstrapSpec(max_positions=512, comparison_fraction=0.5, both_wrong_fraction=0.15, sft_steps=2000, sft_lr_end=2e-4),
+    ),
     # Tool calls in 15% of its SFT batches (0.3 x 0.5): with 5% (v1) it never learnt to copy the
     # question's numbers into the call, nor the tool's reply into the answer, and RL had no reward.
     "tool-use": ("arith-qwen2-tools-v2", BootstrapSpec(tool_fraction=0.3, tool_call_fraction=0.5, sft_steps=1250)),
 }
-# A critic's reply to a comparison: it works the problem out (the worked style), then gives the verdict.
-COMPARISON_REPLY_TOKENS = 64
+# A critic's reply to a comparison: it works the problem out (the worked style), checks both
+# responses' answers against its own, then gives the verdict.
+COMPARISON_REPLY_TOKENS = 96
+# Answers are written left-aligned in this many characters, filled with "_", so that the n-th digits
+# of two answers always lie the same number of tokens apart (the tokenizer keeps "_" and digits single).
+CHECK_WIDTH = 3
 
 
 def default_policy_dir(name: str = POLICY_NAME) -> Path:
@@ -109,32 +122,58 @@ def ensure_default_policy(embedded: str = "default") -> Path:
     return path
 
 
-def _wrong_solution(problem: ArithmeticProblem, rng: random.Random, worked: bool) -> str:
-    """A wrong solution to the problem: a misread operand (the working is consistent but answers
-    another question) or a slip at the end (the working is right, the final answer is off)."""
+def _wrong_solution(problem: ArithmeticProblem, rng: random.Random, worked: bool) -> tuple[str, int]:
+    """A wrong solution to the problem and its final answer: a misread operand (the working is
+    consistent but answers another question) or a slip at the end (the working is right, the final
+    answer is off)."""
     b = problem.b + rng.choice((-2, -1, 1, 2))
     if rng.random() < 0.5 and 0 < b != problem.b and not (problem.op == "-" and b > problem.a):
         misread = ArithmeticProblem(problem.question, problem.a, problem.op, b, {"+": problem.a + b, "-": problem.a - b, "*": problem.a * b}[problem.op])
-        return misread.worked_solution() if worked else misread.direct_solution()
+        return (misread.worked_solution() if worked else misread.direct_solution()), misread.answer
     right = problem.worked_solution() if worked else problem.direct_solution()
-    slip = problem.answer + rng.choice((-10, -1, 1, 10))
-    return right.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{slip}}}")
+    slip = problem.answer + rng.choice([delta for delta in (-10, -1, 1, 10) if problem.answer + delta >= 0])
+    return right.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{slip}}}"), slip
+
+
+def check_line(letter: str, answer: int, own_answer: int) -> str:
+    """One line of a critic's check: the response's answer and the critic's own, left-aligned in
+    CHECK_WIDTH characters, a mark per character ("=" same, "x" different), and the label.
+
+        A: 22_ 26_ = x = wrong
+
+    Every mark compares the two characters that lie a fixed number of tokens before it, and the
+    label reads the three marks just before it: each step is local, which a model of a million
+    parameters learns where it does not learn to compare two numbers written anywhere."""
+    theirs, ours = (str(value).ljust(CHECK_WIDTH, "_") for value in (answer, own_answer))
+    marks = " ".join("=" if a == b else "x" for a, b in zip(theirs, ours))
+    return f"{letter}: {theirs} {ours} {marks} {'right' if theirs == ours else 'wrong'}"
 
 
 def comparison_example(problem: ArithmeticProblem, rng: random.Random, spec: BootstrapSpec, rubric: str) -> tuple[list[dict[str, str]], str]:
     """A comparison prompt with two solutions of `problem`, each direct or worked: a right and a
-    wrong one in a random order, or (`spec.tie_fraction`) two right ones. The reply works the
-    problem out and ends with the verdict line: a critic this small cannot tell a right number from
-    a wrong one at a glance, but it can compute the answer and compare."""
-    def right() -> str:
-        return problem.worked_solution() if rng.random() < spec.worked_fraction else problem.direct_solution()
+    wrong one in a random order, two right ones (`spec.tie_fraction`) or two wrong ones
+    (`spec.both_wrong_fraction`). The reply works the problem out, checks each response's answer
+    against its own (`check_line`) and ends with the verdict line: a critic this small cannot tell
+    a right number from a wrong one at a glance, but it can compute the answer and compare."""
+    def right() -> tuple[str, int]:
+        return (problem.worked_solution() if rng.random() < spec.worked_fraction else problem.direct_solution()), problem.answer
 
-    if rng.random() < spec.tie_fraction:
-        first, second, verdict = right(), right(), Verdict.TIE
+    def wrong() -> tuple[str, int]:
+        return _wrong_solution(problem, rng, worked=rng.random() < spec.worked_fraction)
+
+    draw = rng.random()
+    if draw < spec.tie_fraction:
+        first, second = right(), right()
+    elif draw < spec.tie_fraction + spec.both_wrong_fraction:
+        first, second = wrong(), wrong()
     else:
-        better, worse = right(), _wrong_solution(problem, rng, worked=rng.random() < spec.worked_fraction)
-        first, second, verdict = (better, worse, Verdict.A) if rng.random() < 0.5 else (worse, better, Verdict.B)
-    return comparison_messages(problem.question, first, second, rubric), f"{problem.worked_solution()}\nVERDICT: {verdict.value}"
+        first, second = (right(), wrong()) if rng.random() < 0.5 else (wrong(), right())
+    first_right, second_right = first[1] == problem.answer, second[1] == problem.answer
+    verdict = Verdict.A if first_right > second_right else Verdict.B if second_right > first_right else Verdict.TIE
+    reply = "\n".join(
+        [problem.worked_solution(), check_line("A", first[1], problem.answer), check_line("B", second[1], problem.answer), f"VERDICT: {verdict.value}"]
+    )
+    return comparison_messages(problem.question, first[0], second[0], rubric), reply
 
 
 def comparison_eval_problems(spec: BootstrapSpec) -> list[ArithmeticProblem]:
@@ -174,10 +213,12 @@ def train_tokenizer(spec: BootstrapSpec) -> PreTrainedTokenizerFast:
             problem = arithmetic_problem(tool_rng, kinds=(TOOL_KIND,))
             corpus += [TOOL_INSTRUCTIONS, problem.question, f"```python\nprint({problem.a} * {problem.b})\n```"]
     tokenizer = Tokenizer(models.BPE())
-    # One token per digit, as in Qwen and Llama: numbers stay compositional.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    # One token per digit, as in Qwen and Llama: numbers stay compositional. A critic's check fills
+    # answers with "_", one token each (check_line).
+    splits = [pre_tokenizers.Digits(individual_digits=True)]
+    if spec.comparison_fraction:
+        splits.append(pre_tokenizers.Split("_", behavior="isolated"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
@@ -301,6 +342,8 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
     style_rng = random.Random(spec.seed + 2)
     comparison_rng = random.Random(spec.seed + 3)
     tool_rng = random.Random(spec.seed + 9)
+    end_factor = 1.0 if spec.sft_lr_end is None else spec.sft_lr_end / spec.sft_lr
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=end_factor, total_iters=spec.sft_steps)
     for _ in tqdm(range(spec.sft_steps), desc="bootstrap SFT", unit="step"):
         # Each draw only when its feature is on, so that the default policy's random streams stay as they were.
         if spec.tool_fraction and tool_rng.random() < spec.tool_fraction:
@@ -312,6 +355,7 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
         loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
     report = BootstrapReport(
         sft_steps=spec.sft_steps,

@@ -7,7 +7,9 @@ with both responses in a random order, whose gold verdict is the better one's le
 answers it like any single-turn task (task type "critique", reward `critic_verdict`: 1 for the gold
 verdict), so the critic, which is the policy, learns from what the verifiers say. Each step takes
 `reward.critic.share` of its prompts from the comparison tasks built from the previous step's groups
-(one pair per group at most); the first step has none.
+(one pair per group at most); the first step has none. Each pair comes in both orders in the same
+step, so that a verdict that follows the position rather than the responses earns nothing: its
+reward in one order is paid back in the other.
 
 Held-out agreement. At step 0, `reward.critic.heldout_pairs` pairs are built once from responses
 sampled (temperature 1) to the eval prompts and scored by their verifier, and saved in the run
@@ -164,18 +166,20 @@ class CriticRefinement:
         return dataclasses.replace(task, reward=reward.train_reward, reward_spec={**defaults, **task.reward_spec})
 
     def critic_task_count(self, prompts_per_step: int) -> int:
-        """How many of this step's prompts are critic tasks: the configured share, as far as the
-        previous step left comparison pairs."""
-        wanted = round(self.settings.share * prompts_per_step)
-        return min(wanted, len(self._pending))
+        """How many of this step's prompts are critic tasks: the configured share, rounded to whole
+        pairs (each pair is played in both orders), as far as the previous step left pairs."""
+        wanted_pairs = round(self.settings.share * prompts_per_step / 2)
+        return 2 * min(wanted_pairs, len(self._pending))
 
     def step_tasks(self, sampled: list[Task], critic_tasks: int) -> list[Task]:
-        """The step's tasks: the sampled ones as train_reward scores them, then `critic_tasks` critic tasks."""
-        pairs, self._pending = self._pending[:critic_tasks], []
+        """The step's tasks: the sampled ones as train_reward scores them, then `critic_tasks` critic
+        tasks: each pair in both orders."""
+        pairs, self._pending = self._pending[: critic_tasks // 2], []
         made = []
         for pair in pairs:
-            made.append(pair.task(self.rubric, self._rng.random() < 0.5, f"critique-{self._made}"))
-            self._made += 1
+            for better_first in (True, False):
+                made.append(pair.task(self.rubric, better_first, f"critique-{self._made}"))
+                self._made += 1
         return [*map(self.retarget, sampled), *made]
 
     def observe(self, groups: Mapping[str, list[Trajectory]], renderer: Renderer, max_model_len: int) -> None:

@@ -14,7 +14,8 @@ from conftest import TINY_SPEC
 from critic_server import ScriptedEndpoint
 from rewards import RewardScorer, register
 from rewards.rubric import PairJudgement, Verdict
-from rl.bootstrap import bootstrap
+from rl.bootstrap import BootstrapSpec, bootstrap, check_line, comparison_example
+from rl.data.arithmetic import arithmetic_problem
 from rl.cli import main
 from rl.config import ConfigError, load_config
 from rl.critique import ComparisonPair, CriticRefinement, heldout_agreement, pair_of
@@ -63,16 +64,49 @@ def test_critic_tasks_from_a_mixed_group_carry_the_gold_verdict(critic_policy, t
         "one-failed": [_member("one-failed", 0, "a", 0.0), _member("one-failed", 1, "b", 0.0, failed=True)],
     }
     refinement.observe(groups, Renderer.from_pretrained(str(critic_policy)), 512)
-    assert refinement.critic_task_count(4) == 1, "one group has verifier scores that differ"
-    tasks = refinement.step_tasks([], 1)
-    [task] = tasks
-    assert (task.task_type, task.reward) == ("critique", "critic_verdict")
-    first, second = _shown(task.messages[0]["content"])
-    assert "right" in (first, second) and {first, second} - {"right"} <= {"wrong 1", "wrong 2"}
-    assert task.reward_spec["gold"] == ("A" if first == "right" else "B")
-    assert task.messages[0]["content"].startswith("The better response has the correct final answer.")
+    assert refinement.critic_task_count(4) == 2, "one group has verifier scores that differ: its pair, in both orders"
+    tasks = refinement.step_tasks([], 2)
+    assert [task.reward_spec["gold"] for task in tasks] == ["A", "B"]
+    forward, backward = (_shown(task.messages[0]["content"]) for task in tasks)
+    assert forward == backward[::-1]
+    for task in tasks:
+        assert (task.task_type, task.reward) == ("critique", "critic_verdict")
+        first, second = _shown(task.messages[0]["content"])
+        assert "right" in (first, second) and {first, second} - {"right"} <= {"wrong 1", "wrong 2"}
+        assert task.reward_spec["gold"] == ("A" if first == "right" else "B")
+        assert task.messages[0]["content"].startswith("The better response has the correct final answer.")
     # The pairs are used once.
     assert refinement.critic_task_count(4) == 0
+
+
+def test_a_check_line_marks_each_character_and_labels_the_answer():
+    assert check_line("A", 22, 26) == "A: 22_ 26_ = x = wrong"
+    assert check_line("B", 8, 8) == "B: 8__ 8__ = = = right"
+    # A shorter answer that is a prefix of the right one differs in its fill.
+    assert check_line("A", 12, 120) == "A: 12_ 120 = = x wrong"
+
+
+def test_comparison_examples_check_both_answers_and_end_with_the_verdict_that_follows(critic_policy):
+    spec = BootstrapSpec(comparison_fraction=0.5, both_wrong_fraction=0.2)
+    rng = random.Random(1)
+    tokenizer = Renderer.from_pretrained(str(critic_policy)).tokenizer
+    verdicts, line_lengths = set(), set()
+    for _ in range(200):
+        problem = arithmetic_problem(rng)
+        messages, reply = comparison_example(problem, rng, spec, "rubric")
+        working, first, second, verdict = reply.split("\n")
+        assert working == problem.worked_solution()
+        first_right, second_right = first.endswith("right"), second.endswith("right")
+        shown_first, _ = _shown(messages[0]["content"])
+        assert first_right == shown_first.endswith(f"\\boxed{{{problem.answer}}}.")
+        expected = "A" if first_right > second_right else "B" if second_right > first_right else "TIE"
+        assert verdict == f"VERDICT: {expected}"
+        verdicts.add(expected)
+        line_lengths |= {len(tokenizer(line, add_special_tokens=False)["input_ids"]) for line in (first, second)}
+    assert verdicts == {"A", "B", "TIE"}
+    # Every check line is the same number of tokens, whatever its answers' lengths: each mark lies
+    # a fixed distance after the characters it compares.
+    assert len(line_lengths) == 1
 
 
 def test_both_orders_of_a_pair_and_the_gold_verdict():
