@@ -1,6 +1,8 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rl.cli import main
 from rl.config import ConfigError, RunConfig, load_config
@@ -10,6 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_default_yaml_is_the_embedded_default():
     assert load_config(ROOT / "configs" / "default.yaml") == RunConfig()
+
+
+def test_default_yaml_lists_every_key():
+    def keys(value, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+        if not dataclasses.is_dataclass(value):
+            return [prefix]
+        return [key for f in dataclasses.fields(value) for key in keys(getattr(value, f.name), prefix + (f.name,))]
+
+    def listed(mapping: dict, key: tuple[str, ...]) -> bool:
+        return len(key) == 1 and key[0] in mapping or key[0] in mapping and listed(mapping[key[0]] or {}, key[1:])
+
+    default_yaml = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert [".".join(key) for key in keys(RunConfig()) if not listed(default_yaml, key)] == []
 
 
 def test_overrides_are_typed():
