@@ -12,7 +12,9 @@ default policy stays exactly as it is:
   solutions in the comparison prompt of rewards/rubric.py (a right and a wrong one, two right or
   two wrong ones), and a reply that works the problem out, checks each response's answer against
   its own digit by digit (`check_line`), and ends with the verdict. Its critic then starts above
-  chance.
+  chance. Its model is deeper and has more, narrower heads than the default's (6 layers of 4
+  heads of 32, against 4 layers of 2 heads of 64): with the default's shape the critic copied its
+  own answer into the check of the response furthest back instead of that response's.
 - `tool-use`: 3-digit multiplications (which a model this small cannot do in its head) mixed into
   the SFT, half of them solved as a `python-tool` episode: a fenced python block that prints
   the product, the tool's reply, then the boxed answer; the rest answered directly (and so, at
@@ -86,13 +88,15 @@ class BootstrapSpec:
 
 
 # The embedded policies that model.embedded names: cache name and spec. The self-critique policy has
-# room for a comparison prompt with two responses and more steps, so that it sees as many word
-# problems as the default policy does; so has the tool-use policy.
+# room for a comparison prompt with two responses, more steps, so that it sees as many word problems
+# as the default policy does (so has the tool-use policy), and the heads to copy an answer from
+# anywhere in that prompt (docs/RECIPE.md, "A critic of six layers").
 EMBEDDED_POLICIES = {
     "default": (POLICY_NAME, BootstrapSpec()),
     "self-critique": (
-        "arith-qwen2-critic-v2",
-        BootstrapSpec(max_positions=512, comparison_fraction=0.5, both_wrong_fraction=0.15, sft_steps=2000, sft_lr_end=2e-4),
+        "arith-qwen2-critic-v5",
+        BootstrapSpec(max_positions=512, num_layers=6, num_heads=4, head_dim=32, comparison_fraction=0.5, both_wrong_fraction=0.15,
+                      sft_steps=2000, sft_lr_end=2e-4),
     ),
     # Tool calls in 15% of its SFT batches (0.3 x 0.5): with 5% (v1) it never learnt to copy the
     # question's numbers into the call, nor the tool's reply into the answer, and RL had no reward.
