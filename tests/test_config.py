@@ -1,11 +1,10 @@
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rl.cli import main
-from rl.config import ConfigError, RunConfig, load_config
+from rl.config import ConfigError, RunConfig, _flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,16 +14,17 @@ def test_default_yaml_is_the_embedded_default():
 
 
 def test_default_yaml_lists_every_key():
-    def keys(value, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-        if not dataclasses.is_dataclass(value):
-            return [prefix]
-        return [key for f in dataclasses.fields(value) for key in keys(getattr(value, f.name), prefix + (f.name,))]
-
-    def listed(mapping: dict, key: tuple[str, ...]) -> bool:
-        return len(key) == 1 and key[0] in mapping or key[0] in mapping and listed(mapping[key[0]] or {}, key[1:])
-
     default_yaml = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    assert [".".join(key) for key in keys(RunConfig()) if not listed(default_yaml, key)] == []
+
+    def listed(key: str) -> bool:
+        node = default_yaml
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    assert [key for key in _flatten(RunConfig()) if not listed(key)] == []
 
 
 def test_overrides_are_typed():
