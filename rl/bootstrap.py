@@ -120,7 +120,7 @@ def ensure_default_policy(embedded: str = "default") -> Path:
     name, spec = EMBEDDED_POLICIES[embedded]
     path = default_policy_dir(name)
     if not (path / "bootstrap.json").exists():
-        print(f"k2rl: building the embedded policy {name} into {path} (one time: minutes for the default, most of an hour for self-critique on 2 CPU cores)", file=sys.stderr)
+        print(f"k2rl: building the embedded policy {name} into {path} (one time: minutes to most of an hour on 2 CPU cores)", file=sys.stderr)
         report = bootstrap(path, spec)
         print(f"k2rl: {name} built in {report.seconds:.0f} s: {report.describe()}", file=sys.stderr)
     return path
