@@ -149,7 +149,7 @@ def bench_config(model_path: str, prompts: int, samples: int, length: int, steps
                  overrides: tuple[str, ...] = ()) -> RunConfig:
     """One k2rl run that does the benchmark's work: fixed-length responses, no evaluation to speak of.
     `overrides` (KEY=VALUE, as for `k2rl train`) come last: a setting to measure, such as
-    rollout.enforce_eager=false; the baseline reads the same config for its share of the work."""
+    rollout.num_engines=1; the baseline reads the same config for its share of the work."""
     return load_config(None, [
         f"model.path={model_path}", f"steps={steps}", f"data.prompts_per_step={prompts}", f"rollout.n_samples={samples}",
         f"rollout.token_budgets.arithmetic={length}", "rollout.ignore_eos=true", "data.eval_size=1",

@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_step.add_argument("--steps", type=int, default=3, help="timed steps per side (default 3)")
     bench_step.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     bench_step.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench_step.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE for the run (e.g. rollout.enforce_eager=false)")
+    bench_step.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE for the run (e.g. rollout.num_engines=1)")
     bench_step.set_defaults(handler=cmd_bench_step)
     bench_rollout = bench.add_parser("rollout", help="rollout layer vs offline LLM.generate; partial rollout vs none")
     bench_rollout.add_argument("--model", help="a Hugging Face model directory (default: the embedded policy)")

@@ -58,9 +58,11 @@ def ray_cluster():
 # what Workers.serve checks). One engine of one thread, as the session's one-CPU nodes give by
 # default, so that a run of the same settings on a cluster of its own samples exactly the same tokens.
 # float32 on every machine: the suite's bounds on the trainer-engine logprob gap are float32's, and
-# `model.dtype: auto` would pick bfloat16 on a CPU with AMX.
+# `model.dtype: auto` would pick bfloat16 on a CPU with AMX. Eager: a compiled engine starts 4-15 s
+# later, which the suite's many short runs would each pay; the compiled engine of the default is
+# tested on its own (test_loop.py) and by the tests that start engines of their own.
 TINY_WORKERS = ["trainer.micro_batch_size=4", "rollout.max_model_len=256", "rollout.num_engines=1", "rollout.cpu_threads=1",
-                "model.dtype=float32"]
+                "model.dtype=float32", "rollout.enforce_eager=true"]
 
 
 @pytest.fixture(scope="session")

@@ -70,8 +70,8 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
 def test_a_compiled_cpu_engine_generates_with_the_weights_of_each_update(tiny_policy, ray_cluster, tmp_path, dtype, tolerance):
     """vLLM compiles its CPU model around the packed weights; updates must reach it."""
     config = load_config(None, ["steps=2", "data.prompts_per_step=2", "rollout.n_samples=2", "data.eval_size=4",
-                                "data.eval_every=2", "trainer.data_parallel_size=1", "rollout.enforce_eager=false",
-                                *TINY_WORKERS, f"model.path={tiny_policy}", f"model.dtype={dtype}"])
+                                "data.eval_every=2", "trainer.data_parallel_size=1",
+                                *TINY_WORKERS, "rollout.enforce_eager=false", f"model.path={tiny_policy}", f"model.dtype={dtype}"])
     probe = Renderer.from_pretrained(str(tiny_policy)).prompt([{"role": "user", "content": "Tom has 3 coins and finds 4 more."}])
     gaps = []
 

@@ -60,10 +60,10 @@ def test_auto_dtype_is_bfloat16_where_the_devices_multiply_in_it(monkeypatch):
         assert resolve_dtype(load_config(None, [f"model.dtype={chosen}"])).model.dtype == chosen
 
 
-def test_auto_engines_are_two_eager_ones_for_a_small_model_and_one_compiled_for_a_large_one_on_cpu():
+def test_auto_engines_on_cpu_are_compiled_two_for_a_small_model_and_one_for_a_large_one():
     from rl.cluster.placement import LARGE_ENGINE_PARAMETERS, engine_layout
 
-    assert engine_layout(0, 2, 1, False, LARGE_ENGINE_PARAMETERS - 1) == (2, True)
+    assert engine_layout(0, 2, 1, False, LARGE_ENGINE_PARAMETERS - 1) == (2, False)
     assert engine_layout(0, 2, 1, False, LARGE_ENGINE_PARAMETERS) == (1, False)
 
 
@@ -79,7 +79,7 @@ def test_auto_engines_take_the_gpus_the_trainer_leaves():
 
 
 def test_auto_engines_resolve_for_the_model_and_chosen_values_stay(tiny_policy, tmp_path, monkeypatch):
-    """The bench's large model (60 M parameters) gets one compiled engine on CPU, the tiny policy two eager ones."""
+    """The bench's large model (60 M parameters) gets one compiled engine on CPU, the tiny policy two."""
     import ray
     import torch
 
@@ -94,7 +94,7 @@ def test_auto_engines_resolve_for_the_model_and_chosen_values_stay(tiny_policy, 
         rollout = resolve_engines(load_config(None, [f"model.path={model}", *overrides]), str(model)).rollout
         return rollout.num_engines, rollout.enforce_eager
 
-    assert layout(tiny_policy) == (2, True)
+    assert layout(tiny_policy) == (2, False)
     assert layout(tmp_path) == (1, False)
     assert layout(tmp_path, "rollout.num_engines=3") == (3, False)
     assert layout(tmp_path, "rollout.enforce_eager=true") == (1, True)

@@ -39,8 +39,8 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
 
 
-# On CPU, `rollout.num_engines: auto` and `rollout.enforce_eager: auto` give a model at least this
-# large one compiled engine of all cores, and a smaller one two eager engines (rl/config.py says why).
+# On CPU, `rollout.num_engines: auto` gives a model at least this large one engine of all cores,
+# and a smaller one two engines of one thread (rl/config.py says why).
 LARGE_ENGINE_PARAMETERS = 20_000_000
 
 
@@ -72,12 +72,11 @@ def resolve_engines(config: RunConfig, model_path: str) -> RunConfig:
 
 def engine_layout(gpus: int, world: int, engine_tp: int, colocated: bool, parameters: int) -> tuple[int, bool]:
     """How many engines, and whether they run eager: on GPU one engine per GPU the trainer's `world`
-    ranks leave (colocated: one per rank), eager; on CPU one compiled engine for a model of
-    LARGE_ENGINE_PARAMETERS or more, else two eager ones."""
+    ranks leave (colocated: one per rank), eager; on CPU compiled, one engine for a model of
+    LARGE_ENGINE_PARAMETERS or more, else two."""
     if gpus:
         return (world if colocated else max(1, (gpus - world) // engine_tp)), True
-    large = parameters >= LARGE_ENGINE_PARAMETERS
-    return (1, False) if large else (2, True)
+    return (1 if parameters >= LARGE_ENGINE_PARAMETERS else 2), False
 
 
 class Placement:
