@@ -221,7 +221,8 @@ def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: i
 
 def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int, long_share: float, steps: int,
                     warmup: int, overrides: tuple[str, ...] = ()) -> PartialResult:
-    """Steady-state steps without and with partial rollout, each a run on `workers` (in their dtype)."""
+    """Steady-state steps without and with partial rollout, each a run on `workers` (in their dtype
+    and engine mode)."""
     from rl.loop import Controller
 
     # An episode pauses after twice a short answer: every step's generation ends there, and the long
@@ -232,7 +233,9 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
         for side_budget in (0, budget):
             run_dir = Path(scratch) / f"run-{side_budget}"
             config = partial_config(model_path, tasks, short, long, warmup + steps, side_budget,
-                                    workers.config.trainer.micro_batch_size, (f"model.dtype={workers.config.model.dtype}", *overrides))
+                                    workers.config.trainer.micro_batch_size,
+                                    (f"model.dtype={workers.config.model.dtype}",
+                                     f"rollout.enforce_eager={str(workers.config.rollout.enforce_eager).lower()}", *overrides))
             Controller(config, run_dir).run(model_path, workers=workers).completed()
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1 + warmup :]
             step = statistics.mean(row["time_step_s"] for row in rows)
