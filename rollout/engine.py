@@ -118,8 +118,8 @@ def engine_arguments(spec: EngineSpec) -> dict:
     if current_platform.is_cpu() and not spec.enforce_eager:
         # vLLM 0.32 saves a compiled CPU model in an ahead-of-time format that it then fails to load
         # ("'function' object has no attribute 'finalize_loading'"), so every start compiled the
-        # model again (12 s for the default policy). Without that format torch's own compile caches
-        # serve the next start of the same model (4 s).
+        # model again (an engine init of 16 s for the default policy). Without that format torch's
+        # own compile caches serve the next start of the same model (an init of 5 s).
         os.environ["VLLM_USE_AOT_COMPILE"] = "0"
     # The samples of a group share their prompt in whole KV blocks only (the prefix cache), so a
     # prompt shorter than a block is prefilled once per sample. vLLM's CPU attention defaults to
