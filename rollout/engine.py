@@ -19,6 +19,7 @@ with it (tests/test_rollout.py checks that none is left behind).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -192,6 +193,11 @@ class RolloutEngine:
             except Exception as error:
                 raise _with_engine_core_cause(error) from None
             self._started = True
+            # What vLLM's own server does once started: the objects of the imports and the engine's
+            # start leave the garbage collector's view. Each full collection otherwise walked them
+            # all, 0.35-0.7 s in which this actor passed no results on, eight times in a default run.
+            gc.collect()
+            gc.freeze()
         return self.weight_version
 
     async def _start(self) -> None:

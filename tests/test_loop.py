@@ -1,8 +1,10 @@
 """The whole loop for real: Ray, a vLLM engine, two gloo trainer ranks, in-place weight updates."""
 
+import gc
 import json
 
 import pytest
+import ray
 import torch
 from conftest import TINY_WORKERS
 
@@ -36,8 +38,13 @@ def test_two_iterations_update_engine_weights_in_place_as_the_temperature_decays
     def compare_logprobs(step, workers):
         assert not non_loopback_connections(), "a run's own cluster must keep its traffic on loopback"
         checks.append((step, workers.weight_sync.version, _engine_trainer_gap(workers, probe)))
+        # The startup objects of the driver and of the engine actors are out of the collector's view.
+        frozen.append([gc.get_freeze_count(), *ray.get([e.__ray_call__.remote(lambda _: gc.get_freeze_count()) for e in workers.engines.engines])])
 
+    frozen = []
     summary = controller.run(str(tiny_policy), on_step=compare_logprobs, workers=tiny_workers)
+    assert all(count > 0 for counts in frozen for count in counts), frozen
+    assert gc.get_freeze_count() == 0, "a run unfreezes the driver's heap as it ends"
 
     assert summary.weight_version == 2
     assert [(step, version) for step, version, _ in checks] == [(1, 1), (2, 2)]
