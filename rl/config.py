@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -354,6 +355,8 @@ class RunConfig:
             "trainer.micro_batch_size": self.trainer.micro_batch_size,
             "trainer.optimizer_steps_per_batch": self.trainer.optimizer_steps_per_batch,
             "trainer.logprob_chunk_size": self.trainer.logprob_chunk_size,
+            "trainer.max_grad_norm": self.trainer.max_grad_norm,
+            "rollout.engine_start_timeout_s": self.rollout.engine_start_timeout_s,
             "checkpoint.keep": self.checkpoint.keep,
         }
         for key, value in positive.items():
@@ -388,6 +391,10 @@ class RunConfig:
             raise ConfigError(f"rollout.partial.max_staleness must be >= 0, got {self.rollout.partial.max_staleness}")
         if self.trainer.shared_prompt_row_tokens < 0:
             raise ConfigError(f"trainer.shared_prompt_row_tokens must be >= 0 (0 is off), got {self.trainer.shared_prompt_row_tokens}")
+        if self.trainer.weight_decay < 0:
+            raise ConfigError(f"trainer.weight_decay must be >= 0, got {self.trainer.weight_decay:g}")
+        if self.reward.num_workers < 0:
+            raise ConfigError(f"reward.num_workers must be >= 0 (0: score in the driver), got {self.reward.num_workers}")
         if self.checkpoint.every < 0:
             raise ConfigError(f"checkpoint.every must be >= 0 (0: only when stopped), got {self.checkpoint.every}")
         if not 0 <= self.reward.max_error_frac <= 1:
@@ -583,18 +590,36 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `key.sub=value` in `raw`. Below a mapping field (`rollout.token_budgets.code=100`) the
+    rest of the key is one entry of the mapping, added to the field's value or default."""
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
-    value = yaml.safe_load(text) if text else ""
-    node = raw
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
+    node, section = raw, RunConfig
     parts = key.split(".")
-    for part in parts[:-1]:
+    for index, part in enumerate(parts[:-1]):
+        item = next((f for f in dataclasses.fields(section) if f.name == part), None) if section else None
+        if item is not None and not dataclasses.is_dataclass(typing.get_type_hints(section)[part]):
+            mapping = node.get(part, _default(item))
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+            node[part] = {**mapping, ".".join(parts[index + 1 :]): value}
+            return
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-        node = child
+        node, section = child, typing.get_type_hints(section)[part] if item is not None else None
     node[parts[-1]] = value
+
+
+def _default(item: dataclasses.Field) -> Any:
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -613,6 +638,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{key}.")
     if hint is Any:
@@ -632,8 +659,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         for option in typing.get_args(hint):
             try:
                 return _coerce(option, value, key)
-            except ConfigError:
-                continue
+            except ConfigError as error:
+                # A mapping's own error names the entry that is wrong.
+                if isinstance(value, dict) and typing.get_origin(option) is dict:
+                    raise error from None
         raise ConfigError(f"{key}: {value!r} matches none of {hint}")
     if hint is type(None):
         if value is None:
@@ -643,14 +672,19 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads `3e-5` (no dot) as a string.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -41,8 +41,7 @@ class Schedule:
     zero_allowed: bool = False
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{self.key}.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check_name(self.schedule, self.key)
         positive = not self.zero_allowed or self.schedule == "exponential"
         for name in ("start", "end"):
             value = getattr(self, name)
@@ -69,6 +68,7 @@ class Schedule:
         if unknown:
             raise ValueError(f"unknown key {key}.{unknown[0]} (known: {', '.join(known)})")
         schedule = value.get("schedule", "constant")
+        _check_name(schedule, key)
         if "start" not in value:
             raise ValueError(f"{key}.start is required")
         start = _number(value["start"], f"{key}.start")
@@ -97,6 +97,11 @@ class Schedule:
         if self.schedule == "cosine":
             return self.end + (self.start - self.end) * (1 + math.cos(math.pi * progress)) / 2
         return self.start * (self.end / self.start) ** progress
+
+
+def _check_name(schedule: Any, key: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{key}.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
 def _number(value: Any, key: str) -> float:

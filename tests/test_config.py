@@ -31,7 +31,13 @@ def test_overrides_are_typed():
     config = load_config(None, ["trainer.lr=3e-5", "rollout.n_samples=4", "steps=7", "rollout.token_budgets.code=99"])
     assert config.trainer.lr == pytest.approx(3e-5)
     assert config.rollout.n_samples == 4 and config.steps == 7
-    assert config.rollout.token_budgets["code"] == 99
+    assert config.rollout.token_budgets == {"arithmetic": 48, "code": 99}
+
+
+def test_an_override_below_a_mapping_adds_one_entry():
+    config = load_config(None, ["data.columns.reward_spec.tests=test_code", "data.columns.prompt=question", "trainer.lr.end=1e-5"])
+    assert config.data.columns == {"reward_spec.tests": "test_code", "prompt": "question"}
+    assert config.trainer.lr == {"schedule": "linear", "start": 2e-4, "end": 1e-5, "steps": 150}
 
 
 @pytest.mark.parametrize(
@@ -77,6 +83,15 @@ def test_overrides_are_typed():
         (["rollout.num_engines=0"], "rollout.num_engines must be > 0 or auto, got 0"),
         (["rollout.num_engines=many"], "rollout.num_engines must be > 0 or auto, got 'many'"),
         (["rollout.enforce_eager=sometimes"], "rollout.enforce_eager must be true, false or auto, got 'sometimes'"),
+        (["name=[oops"], "the value is not valid YAML"),
+        (["steps.x=1"], "override 'steps.x=1': steps is not a section"),
+        (["trainer.max_grad_norm=0"], "trainer.max_grad_norm must be > 0"),
+        (["trainer.weight_decay=-0.1"], "trainer.weight_decay must be >= 0"),
+        (["reward.num_workers=-3"], "reward.num_workers must be >= 0"),
+        (["rollout.engine_start_timeout_s=-1"], "rollout.engine_start_timeout_s must be > 0"),
+        (["rollout.temperature=.nan"], "rollout.temperature must be a finite number, got nan"),
+        (["weight_sync.bucket_mb=inf"], "weight_sync.bucket_mb must be a finite number, got 'inf'"),
+        (["trainer.lr={schedule: linear, start: 1e-4, end: 0, steps: .inf}"], "trainer.lr.steps must be a finite number"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

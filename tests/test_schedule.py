@@ -50,6 +50,7 @@ def test_whole_number_floats_are_step_counts():
         ({"schedule": "cosine", "start": 1.0, "end": -0.1, "steps": 10}, r"rollout\.temperature\.end must be > 0"),
         ({"schedule": "step", "start": 1.0, "end": 0.5, "steps": 10}, r"rollout\.temperature\.schedule must be one of constant, linear, cosine, exponential, got 'step'"),
         ({"schedule": "linear", "start": 1.0, "steps": 10}, r"rollout\.temperature\.end is required for a linear schedule"),
+        ({"schedule": "cosin", "start": 1.0}, r"rollout\.temperature\.schedule must be one of constant, linear, cosine, exponential, got 'cosin'"),
         ({"schedule": "linear", "end": 1.0, "steps": 10}, r"rollout\.temperature\.start is required"),
         ({"schedule": "linear", "start": 1.0, "end": 0.5, "steps": 2.5}, r"rollout\.temperature\.steps must be a whole number"),
         ({"schedule": "linear", "start": "hot", "end": 0.5, "steps": 2}, r"rollout\.temperature\.start must be a number, got 'hot'"),
