@@ -73,10 +73,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if summary.stopped_at is not None:
         print(f"k2rl: stopped after step {summary.stopped_at} with a checkpoint; continue with: k2rl train --resume {run_dir}")
         return 0
-    accuracy = "" if summary.initial_eval_accuracy is None else f"{summary.initial_eval_accuracy:.3f} -> "
+    accuracies = " -> ".join(f"{a:.3f}" for a in (summary.initial_eval_accuracy, summary.final_eval_accuracy) if a is not None)
     print(
-        f"k2rl: done in {summary.seconds / 60:.1f} min; eval accuracy {accuracy}"
-        f"{summary.final_eval_accuracy:.3f}; weight version {summary.weight_version}; outputs in {summary.run_dir}"
+        f"k2rl: done in {summary.seconds / 60:.1f} min; eval accuracy {accuracies or '-'}; "
+        f"weight version {summary.weight_version}; outputs in {summary.run_dir}"
     )
     return 0
 
@@ -87,8 +87,13 @@ def _train_config(ns: argparse.Namespace):
     config_path, overrides = _split_config_args(ns.config_and_overrides)
     if ns.resume is None:
         config = load_config(config_path, overrides)
-        return config, Path(ns.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(ns.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+            raise ConfigError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} or choose another folder")
+        return config, run_dir
     run_dir = Path(ns.resume)
+    if ns.run_dir is not None and Path(ns.run_dir).resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume {run_dir} writes into that run's folder; leave out --run-dir {ns.run_dir}")
     if config_path is not None:
         raise ConfigError(f"--resume continues with {run_dir}/config.json; give overrides only, not the config file {config_path}")
     return resume_config(run_dir, overrides), run_dir
@@ -97,18 +102,21 @@ def _train_config(ns: argparse.Namespace):
 def resume_config(run_dir: Path, overrides: list[str]):
     """`k2rl train --resume RUN_DIR`'s config: the run's saved config with `overrides`, which may
     change only what a resume can change; RUN_DIR must hold a checkpoint."""
-    from rl.config import config_from_dict, resumable
+    from rl.config import RESUMABLE_KEYS, config_from_dict, resumable
     from rl.run_checkpoint import RunCheckpoints
 
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there (not a k2rl run directory)")
-    saved = config_from_dict(json.loads(saved_path.read_text()))
+    try:
+        saved = config_from_dict(json.loads(saved_path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--resume {run_dir}: {saved_path} is not valid JSON ({error})") from None
     config = config_from_dict(saved.to_dict(), overrides)
     refused = [key for key in config.changed_keys(saved) if not resumable(key)]
     if refused:
-        raise ConfigError(f"--resume cannot change {refused[0]}: it changes what the run learns (resumable keys: steps, "
-                          "the trainer's parallel layout, checkpoint, evaluation and cluster settings)")
+        raise ConfigError(f"--resume cannot change {refused[0]}: it changes what the run learns (resumable keys: "
+                          f"{', '.join(key + '*' if key.endswith('.') else key for key in RESUMABLE_KEYS)})")
     if not RunCheckpoints(run_dir, config.checkpoint.keep).completed():
         raise ConfigError(f"--resume {run_dir}: it holds no checkpoint")
     return config

@@ -163,7 +163,10 @@ class Controller:
             gc.collect()
             gc.freeze()
             initial = final = None
-            if not resume:
+            if resume:
+                accuracies = [row["eval_accuracy"] for row in metrics.rows if "eval_accuracy" in row]
+                initial, final = (accuracies[0], accuracies[-1]) if accuracies else (None, None)
+            else:
                 eval_started = time.perf_counter()
                 initial = final = self._evaluate(rollout)
                 metrics.log({"step": 0, "weight_version": 0, "eval_accuracy": initial, **self.critique.evaluate(rollout),
@@ -184,7 +187,8 @@ class Controller:
                 due = config.checkpoint.every and step % config.checkpoint.every == 0
                 if due or self._stop_signal is not None:
                     self._checkpoint(step, workers, rollout, fingerprint)
-                if self._stop_signal is not None:
+                # A stop during the last step lets the run finish: nothing is left to resume.
+                if self._stop_signal is not None and step < config.steps:
                     log.warning("stopped by %s after step %d; resume with --resume %s", signal.Signals(self._stop_signal).name, step, self.run_dir)
                     return RunSummary(self.run_dir, initial, final, time.perf_counter() - started, self.version, stopped_at=step)
             workers.trainers.save_model(str(self.run_dir / "final"))
@@ -249,7 +253,7 @@ class Controller:
             "samples_trained": sum(any(s.loss_mask) for s in samples),
             **train_metrics,
             "weight_version": self.version,
-            "rollout_weight_version": min((t.oldest_version for t in trajectories), default=self.version),
+            "rollout_weight_version": min((t.oldest_version for t in trajectories if t.oldest_version >= 0), default=self.version),
             **step_rollout.metrics,
             "time_rollout_s": step_rollout.time_generate_s,
             "time_reward_s": step_rollout.time_reward_s,

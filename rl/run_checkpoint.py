@@ -99,7 +99,10 @@ class RunCheckpoints:
         final = self.root / f"{_PREFIX}{state.step:06d}"
         shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
-        for old in self.completed()[: -self.keep]:
+        # Only older ones go: a newer one left by a resume from an earlier checkpoint is no reason
+        # to delete the one just written.
+        older = [path for path in self.completed() if path.name < final.name]
+        for old in older[: max(len(older) - (self.keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

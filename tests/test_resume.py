@@ -113,6 +113,16 @@ def test_only_the_latest_checkpoints_are_kept(tmp_path):
     assert [p.name for p in checkpoints.completed()] == ["step-000002", "step-000003"]
 
 
+def test_a_checkpoint_after_a_resume_from_an_older_one_is_kept(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=1)
+    _fake_checkpoint(RunCheckpoints(tmp_path, keep=2), 2, tmp_path)
+    _fake_checkpoint(RunCheckpoints(tmp_path, keep=2), 4, tmp_path)
+    # Step 4's checkpoint is broken, the run resumed from step 2 and now writes step 3.
+    written = _fake_checkpoint(checkpoints, 3, tmp_path)
+    assert [p.name for p in checkpoints.completed()] == ["step-000003", "step-000004"]
+    assert written.is_dir()
+
+
 def _resume_errors(capsys, *args: str) -> list[str]:
     assert main(["train", *args]) == 2
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -136,9 +146,18 @@ def test_resume_refuses_what_it_cannot_do_in_one_line(tiny_policy, tmp_path, cap
     shutil.rmtree(run_dir / "checkpoints")
     assert _resume_errors(capsys, f"--resume={run_dir}") == [f"k2rl: error: --resume {run_dir}: it holds no checkpoint"]
 
+    broken = _run_dir_with_checkpoint(tmp_path / "c", tiny_policy)
+    (broken / "config.json").write_text("{")
+    [line] = _resume_errors(capsys, f"--resume={broken}")
+    assert line.startswith(f"k2rl: error: --resume {broken}: {broken / 'config.json'} is not valid JSON")
+
     run_dir = _run_dir_with_checkpoint(tmp_path / "b", tiny_policy)
     [line] = _resume_errors(capsys, f"--resume={run_dir}", "trainer.lr=1e-3")
     assert line.startswith("k2rl: error: --resume cannot change trainer.lr")
+    [line] = _resume_errors(capsys, f"--resume={run_dir}", f"--run-dir={tmp_path / 'elsewhere'}")
+    assert line == f"k2rl: error: --resume {run_dir} writes into that run's folder; leave out --run-dir {tmp_path / 'elsewhere'}"
+    [line] = _resume_errors(capsys, f"model.path={tiny_policy}", f"--run-dir={run_dir}")
+    assert line == f"k2rl: error: --run-dir {run_dir} already holds a run; continue it with --resume {run_dir} or choose another folder"
     # The fake checkpoint's fingerprint is not the model's: refused before any process starts.
     [line] = _resume_errors(capsys, f"--resume={run_dir}", "steps=6", "trainer.data_parallel_size=1")
     assert line.startswith("k2rl: error: checkpoint ") and "different model" in line
