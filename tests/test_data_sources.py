@@ -136,6 +136,13 @@ def test_unreadable_json_line_names_file_and_line(tmp_path, bad_line, problem):
         load_tasks(path)
 
 
+def test_a_json_lines_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes('{"prompt": "a"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"tasks\.jsonl:2: not UTF-8 text"):
+        load_tasks(path)
+
+
 def test_blank_line_in_a_mixed_type_json_lines_file_is_named(tmp_path):
     """datasets 5.2's JSON reader fails on such a file; once a release reads it, this error can go."""
     path = tmp_path / "tasks.jsonl"

@@ -55,6 +55,7 @@ floats.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from collections.abc import Mapping
@@ -87,7 +88,11 @@ def load_tasks(path: str | Path, columns: Mapping[str, str] | None = None) -> li
         raise ValueError(f"{path}: no tasks in file")
     column_of_field = _column_of_field(path, rows.column_names, columns)
     # One conversion of the whole table: reading a Dataset row by row is 20x slower.
-    rows = rows.select_columns(sorted(set(column_of_field.values()))).to_list()
+    try:
+        rows = rows.select_columns(sorted(set(column_of_field.values()))).to_list()
+    except UnicodeDecodeError as error:  # Arrow's JSON reader takes bytes that are not UTF-8 as they are
+        problem = _json_lines_problem(path, error) if path.suffix in JSON_LINES_SUFFIXES else f"{path}: text that is not UTF-8 ({error.reason})"
+        raise ValueError(problem) from None
     tasks = []
     for index, row in enumerate(rows):
         record = {name: row[column] for name, column in column_of_field.items()}
@@ -186,18 +191,22 @@ def _parquet_problem(path: Path, error: Exception) -> str:
 def _json_lines_problem(path: Path, error: Exception) -> str:
     """Why the JSON reader failed, naming the line: its own errors give no line or only a block's row."""
     first_blank_line = task_lines = 0
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                first_blank_line = first_blank_line or number
-                continue
-            task_lines += 1
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as decode_error:
-                return f"{path}:{number}: malformed JSON line ({decode_error})"
-            if not isinstance(value, dict):
-                return f"{path}:{number}: expected a JSON object, got {type(value).__name__}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as decode_error:
+        line = path.read_bytes()[: decode_error.start].count(b"\n") + 1
+        return f"{path}:{line}: not UTF-8 text ({decode_error.reason} at byte {decode_error.start})"
+    for number, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            first_blank_line = first_blank_line or number
+            continue
+        task_lines += 1
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as decode_error:
+            return f"{path}:{number}: malformed JSON line ({decode_error})"
+        if not isinstance(value, dict):
+            return f"{path}:{number}: expected a JSON object, got {type(value).__name__}"
     if not task_lines:
         return f"{path}: no tasks in file"
     if first_blank_line:
