@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 import secrets
 
-from rewards.registry import register
+from rewards.registry import blocking_reward, register
 from rl.records import RewardResult, Task
-from sandboxes import RunRequest, RunResult, Sandbox
+from sandboxes import STATUS_SANDBOX_ERROR, RunRequest, RunResult, Sandbox
 from sandboxes.shared import shared_sandbox
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -46,14 +46,15 @@ def _unit_test_script(program: str, tests: str, token: str) -> str:
     in the script's own code object, so a program that inspects its interpreter
     could still find it.
     """
-    return f"{program}\n\n{tests}\n\nprint({token!r}, flush=True)\n"
+    # The token on a line of its own, after whatever the program and the tests printed without a newline.
+    return f"{program}\n\n{tests}\n\nprint('\\n' + {token!r}, flush=True)\n"
 
 
 def _run_unit_tests(sandbox: Sandbox, program: str, tests: str) -> RewardResult:
     token = f"K2RL-TESTS-DONE-{secrets.token_hex(16)}"
     script = _unit_test_script(program, tests, token)
     # The script goes in on stdin (`python3 -`), so no file in the scratch dir holds the token.
-    result = sandbox.run_sync(RunRequest(files={}, command=("python3", "-"), stdin=script))
+    result = _checked(sandbox.run_sync(RunRequest(files={}, command=("python3", "-"), stdin=script)))
     if result.status != "ok":
         reason = "tests_failed" if result.status == "runtime_error" else result.status
         return RewardResult(0.0, reason)
@@ -68,9 +69,9 @@ def _run_cases(sandbox: Sandbox, program: str, cases: list[dict], partial: bool)
     for number, case in enumerate(cases, start=1):
         if not isinstance(case, dict) or "input" not in case or "output" not in case:
             raise ValueError(f"case {number} needs 'input' and 'output'")
-        result = sandbox.run_sync(
+        result = _checked(sandbox.run_sync(
             RunRequest(files={"main.py": program}, command=("python3", "main.py"), stdin=str(case["input"]))
-        )
+        ))
         if result.status == "ok" and _normalise(result.stdout) == _normalise(str(case["output"])):
             passed += 1
             continue
@@ -81,7 +82,16 @@ def _run_cases(sandbox: Sandbox, program: str, cases: list[dict], partial: bool)
     return RewardResult(score, "passed" if passed == len(cases) else first_failure, {"cases_passed": float(passed)})
 
 
+def _checked(result: RunResult) -> RunResult:
+    """The sandbox's result, unless the program never ran: that is the sandbox's failure, not the
+    program's, and fails the reward (counted and reported) instead of scoring the response 0."""
+    if result.status == STATUS_SANDBOX_ERROR:
+        raise RuntimeError(f"the sandbox could not run the program: {result.stderr.strip() or 'no detail'}")
+    return result
+
+
 @register("code")
+@blocking_reward
 def code_reward(task: Task, response: str) -> RewardResult:
     spec = task.reward_spec
     if "tests" not in spec and "cases" not in spec:
@@ -91,7 +101,8 @@ def code_reward(task: Task, response: str) -> RewardResult:
         return RewardResult(0.0, "no_code")
     try:
         compile(program, "main.py", "exec")
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        # The last two: a response nested or long enough to exhaust the compiler.
         return RewardResult(0.0, "compile_error")
     sandbox = shared_sandbox()
     if "tests" in spec:

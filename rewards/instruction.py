@@ -212,14 +212,19 @@ def _keyword_frequency(response: str, params: Params) -> bool:
 
 @constraint("valid_json")
 def _valid_json(response: str, params: Params) -> bool:
-    """The whole response is one JSON value, bare or as the only thing in a ```json fence."""
+    """The whole response is one JSON value, bare or as the only thing in a ```json fence; standard
+    JSON only (no NaN or Infinity)."""
     text = response.strip()
     fenced = _JSON_FENCE.fullmatch(text)
     try:
-        json.loads(fenced.group(1) if fenced else text)
-    except ValueError:
+        json.loads(fenced.group(1) if fenced else text, parse_constant=_not_json)
+    except (ValueError, RecursionError):  # the second: nested deeper than the parser goes
         return False
     return True
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
 
 
 @constraint("all_uppercase")

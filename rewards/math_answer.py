@@ -66,6 +66,9 @@ def _parse_gold(answer: str, timeout: int | None) -> tuple:
 
 
 def _is_number(parsed: object) -> bool:
+    """A number, or an equation that names one (`x = 5`, which math_verify gives as Eq(x, 5))."""
+    if getattr(parsed, "is_Equality", False) and getattr(parsed.lhs, "is_Symbol", False):
+        parsed = parsed.rhs
     return bool(getattr(parsed, "is_Number", False))
 
 

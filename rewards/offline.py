@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rewards.registry import RewardContext, get_reward, is_group_reward
+from rewards.registry import RewardContext, get_reward, is_blocking_reward, is_group_reward
 from rewards.scoring import RewardScorer
 from rl.records import EpisodeStatus, RewardResult, Task, Trajectory
 
@@ -139,8 +139,12 @@ def score_jsonl(reward: str, input_path: Path, output_path: Path, concurrency: i
     start = time.perf_counter()
     summary = ScoreSummary(count=len(parsed), mean_reward=0.0)
     total = 0.0
-    # Threads: rewards that wait on sandboxes share one pool, and the order is kept.
-    with RewardScorer(num_workers=concurrency, threads=True) as scorer, output_path.open("w") as out:
+    # Rewards that wait (on sandboxes) run in threads, which share one sandbox pool. The others run
+    # in worker processes, or with --concurrency 1 here: in parallel, and on a main thread, where
+    # math_verify's time limit works. Either way the order is kept.
+    blocking = is_blocking_reward(get_reward(reward))
+    workers = concurrency if blocking or concurrency > 1 else 0
+    with RewardScorer(num_workers=workers, threads=blocking) as scorer, output_path.open("w") as out:
         scored = scorer.score_iter(valid, budget_penalty=0.0)
         for record, task, text in tqdm(parsed, desc=f"k2rl score ({reward})", unit="response"):
             result = next(scored) if task is not None else RewardResult(0.0, text)

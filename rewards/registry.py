@@ -43,6 +43,18 @@ def group_reward(fn: GroupRewardFn) -> GroupRewardFn:
 def is_group_reward(fn: Any) -> bool:
     return bool(getattr(fn, "scores_groups", False))
 
+
+def blocking_reward(fn: RewardFn) -> RewardFn:
+    """Mark a per-response reward that blocks on I/O (a sandbox, a service). Without scorer
+    processes, the rollout scores it in a thread of its own, so that generation goes on meanwhile
+    and several such rewards wait at once; other rewards run in the rollout's loop, one at a time."""
+    fn.blocks = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_blocking_reward(fn: Any) -> bool:
+    return bool(getattr(fn, "blocks", False))
+
 ENTRY_POINT_GROUP = "k2rl.rewards"
 
 _REWARDS: dict[str, RewardFn] = {}

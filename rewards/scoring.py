@@ -9,6 +9,7 @@ one sandbox pool.
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import traceback
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from types import TracebackType
 
 from rewards.budget import apply_budget
-from rewards.registry import RewardContext, get_reward
+from rewards.registry import RewardContext, get_reward, is_blocking_reward
 from rl.records import RewardResult, Task, Trajectory
 
 
@@ -70,7 +71,9 @@ class RewardScorer:
         episode gets the budget penalty instead (K2 budget control)."""
         task = trajectory.task
         if task.reward:
-            if self._pool is None:
+            if self._pool is None and is_blocking_reward(get_reward(task.reward)):
+                result = await asyncio.to_thread(_score_one, task, trajectory.response_text)
+            elif self._pool is None:
                 result = _score_one(task, trajectory.response_text)
             else:
                 loop = asyncio.get_running_loop()
@@ -91,8 +94,10 @@ class RewardScorer:
         reward = get_reward(task.reward)
         try:
             results = await reward(task, [t.response_text for t in trajectories], context)
-            if len(results) != len(trajectories) or not all(isinstance(r, RewardResult) for r in results):
+            if len(results) != len(trajectories):
                 raise TypeError(f"group reward {task.reward!r} returned {len(results)} results for {len(trajectories)} responses")
+            for result in results:
+                _check_result(result, task.reward)
         except Exception as exc:  # noqa: BLE001 - the user's reward (or critic): counted and reported by the caller
             failed = RewardResult(0.0, f"reward_error: {type(exc).__name__}: {exc}", error=traceback.format_exc())
             return [failed] * len(trajectories)
@@ -128,6 +133,15 @@ def _score_one(task: Task, response: str) -> RewardResult:
     """
     reward = get_reward(task.reward)
     try:
-        return reward(task, response)
+        return _check_result(reward(task, response), task.reward)
     except Exception as exc:  # noqa: BLE001 - the user's reward: counted and reported by the caller
         return RewardResult(0.0, f"reward_error: {type(exc).__name__}: {exc}", error=traceback.format_exc())
+
+
+def _check_result(result: object, name: str) -> RewardResult:
+    """`result` if it is a RewardResult with a finite score; a reward that returns anything else has failed."""
+    if not isinstance(result, RewardResult):
+        raise TypeError(f"reward {name!r} returned {type(result).__name__}, not a RewardResult")
+    if isinstance(result.score, bool) or not isinstance(result.score, (int, float)) or not math.isfinite(result.score):
+        raise TypeError(f"reward {name!r} returned the score {result.score!r}, not a finite number")
+    return result

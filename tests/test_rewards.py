@@ -161,6 +161,8 @@ def test_math_reward(answer: object, response: str, expected: RewardResult) -> N
         ("54 - 18 = }.", RewardResult(0.0, "unevaluated_answer")),
         (r"\boxed{54-18}", RewardResult(0.0, "unevaluated_answer")),
         (r"\boxed{36}", RewardResult(1.0, "correct")),
+        (r"\boxed{x = 36}", RewardResult(1.0, "correct")),
+        (r"\boxed{x = 54 - 18}", RewardResult(0.0, "unevaluated_answer")),
     ],
 )
 def test_math_reward_require_number_refuses_unevaluated_answers(response: str, expected: RewardResult) -> None:
@@ -238,3 +240,14 @@ def test_scorer_unknown_reward_fails_whole_call(isolated_registry: None) -> None
     with RewardScorer(num_workers=0) as scorer:
         with pytest.raises(UnknownRewardError):
             scorer.score([(make_task("nope"), "x", False)], budget_penalty=-1.0)
+
+
+def test_a_reward_that_returns_no_result_or_no_finite_score_fails(isolated_registry: None) -> None:
+    register("returns-a-float")(lambda task, response: 1.0)
+    register("returns-nan")(lambda task, response: RewardResult(float("nan"), "ok"))
+    with RewardScorer(num_workers=0) as scorer:
+        results = scorer.score([(make_task("returns-a-float"), "x", False), (make_task("returns-nan"), "x", False)],
+                               budget_penalty=0.0)
+    assert all(result.failed for result in results)
+    assert "returned float, not a RewardResult" in results[0].reason
+    assert "returned the score nan, not a finite number" in results[1].reason

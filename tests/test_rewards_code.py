@@ -1,14 +1,15 @@
 """The `code` reward's judging logic, on the local backend and on the Docker backend."""
 
+import asyncio
 import os
 
 import pytest
 
-from rewards import get_reward
+from rewards import RewardScorer, get_reward
 from rewards.code import extract_program
 from sandboxes.shared import use_sandbox
-from rl.records import Task
-from sandboxes import SandboxConfig, SandboxLimits, docker_available, open_sandbox
+from rl.records import EpisodeStatus, Task, Trajectory
+from sandboxes import STATUS_SANDBOX_ERROR, RunResult, SandboxConfig, SandboxLimits, docker_available, open_sandbox
 
 
 @pytest.fixture(scope="module", autouse=True, params=["local", "docker"])
@@ -72,3 +73,40 @@ def test_bad_programs_and_records():
     assert score({"cases": CASES}, "while True: pass").reason == "timeout on case 1"
     with pytest.raises(ValueError, match="'tests' or 'cases'"):
         score({}, "print(1)")
+
+
+def test_a_program_that_prints_without_a_newline_passes_its_tests():
+    program = "import sys\ndef add(a, b):\n    return a + b\nsys.stdout.write('no newline')"
+    assert score({"tests": TESTS + "print('tests done', end='')"}, program).reason == "passed"
+
+
+def test_a_program_too_deep_to_compile_is_a_compile_error():
+    assert score({"cases": CASES}, "x = " + "-" * 100_000 + "1").reason == "compile_error"
+
+
+def test_the_rollout_scores_code_in_its_event_loop_without_scorer_processes():
+    """The default `reward.num_workers: 0`: episodes are scored in the rollout's event loop, where
+    a sandbox run cannot block; the code reward runs in a thread of its own."""
+    task = Task("c1", (), "code", "code", {"tests": TESTS})
+    episode = Trajectory(task, "g", 0, [1], [2], [1], [-0.1], [0], [1.0], status=EpisodeStatus.COMPLETED)
+    episode.response_text = "def add(a, b):\n    return a + b"
+    with RewardScorer(num_workers=0) as scorer:
+        result = asyncio.run(scorer.score_episode(episode, budget_penalty=0.0))
+    assert (result.score, result.reason, result.failed) == (1.0, "passed", False)
+
+
+class _BrokenSandbox:
+    """A sandbox whose engine cannot start programs (a real one cannot be made to fail on cue)."""
+
+    def run_sync(self, request, limits=None):
+        return RunResult(STATUS_SANDBOX_ERROR, None, "", "no container could be started", 0.0)
+
+
+def test_a_sandbox_that_cannot_run_the_program_fails_the_reward_instead_of_scoring_it(code_sandbox):
+    use_sandbox(_BrokenSandbox())
+    try:
+        with RewardScorer(num_workers=0) as scorer:
+            [result] = scorer.score([(Task("c1", (), "code", "code", {"cases": CASES}), "print(5)", False)], budget_penalty=0.0)
+    finally:
+        use_sandbox(code_sandbox)
+    assert result.failed and "no container could be started" in result.reason

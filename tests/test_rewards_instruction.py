@@ -37,6 +37,8 @@ CASES = [
     ({"type": "forbidden_words", "words": ["dog", "bark"]}, "Dogs are not here.", "A dog sleeps."),
     ({"type": "valid_json"}, '{"name": "Tom", "age": 3}', '{"name": "Tom",}'),
     ({"type": "valid_json"}, '```json\n[1, 2, {"a": null}]\n```', 'Here it is:\n```json\n[1, 2]\n```'),
+    ({"type": "valid_json"}, '[1.5, -2]', '[NaN, Infinity]'),
+    ({"type": "valid_json"}, '[[[]]]', "[" * 100_000 + "]" * 100_000),
     ({"type": "all_uppercase"}, "CATS ARE GREAT, 100%!", "CATS are great"),
     ({"type": "all_uppercase"}, "HELLO", "2024"),
     ({"type": "all_lowercase"}, "cats are great, 100%!", "Cats are great"),
