@@ -90,6 +90,14 @@ def test_k2_hand_computed_with_a_stale_token_masked():
     assert torch.allclose(b.logprobs.grad, torch.tensor([[-0.2, -0.2, 0.0], [0.3, 0.3, 0.0]]))
 
 
+def test_k2_log_ratio_metric_leaves_out_samples_that_do_not_train():
+    """A failed reward's sample (loss mask 0) and a padding copy add nothing to the mean."""
+    loss = build("k2", tau=0.5)
+    b = batch(logprobs=[[-1.0, -0.5], [-0.3, -0.3]], old=[[-2.0, -0.5], [-0.3, -0.3]], mask=[[1, 1], [0, 0]],
+              stale=[[0, 0], [0, 0]], advantages=[0.5, 0.0])
+    assert loss(b, 1.0).metrics["log_ratio_abs_mean"].value == pytest.approx(1.0)
+
+
 def test_grpo_surrogate_hand_computed():
     # clip 0.2: ratios (sample 0, A = 1) 1.5 and 0.9; (sample 1, A = -2) 0.5, then padding.
     #   1.5: min(1.5 * 1, 1.2 * 1) = 1.2 (clipped)      -> -1.2

@@ -135,3 +135,30 @@ def test_tensor_parallel_size_must_divide_the_model(tiny_policy):
         check_layout(TrainerConfig(data_parallel_size=1, tensor_parallel_size=3), 3, model_config)
     # An odd vocabulary is fine: the embedding and the head take uneven shards.
     check_layout(TrainerConfig(data_parallel_size=1, tensor_parallel_size=2), 2, model_config)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "replicate"])
+def test_a_bfloat16_trainer_divides_the_logits_by_the_exact_sampling_temperature(tiny_policy, monkeypatch, strategy):
+    """Mixed precision casts a module's float inputs to the compute dtype; the temperatures must
+    reach the output head as sampled (0.7, not bfloat16's 0.69921875), or the trainer's logprobs
+    leave the engines'."""
+    import rl.trainer.logprobs as logprobs
+
+    seen = []
+    exact = logprobs.chunked_token_logprobs
+
+    def recording(hidden, head_weight, targets, temperatures, chunk_size):
+        seen.append(temperatures.detach().clone())
+        return exact(hidden, head_weight, targets, temperatures, chunk_size)
+
+    monkeypatch.setattr(logprobs, "chunked_token_logprobs", recording)
+    worker = start_worker(0, 1, free_port(), tiny_policy, _config(1, 1), dtype="bfloat16", strategy=strategy)
+    try:
+        batch = samples(2, worker.model.config.vocab_size)
+        for sample in batch:
+            sample.temperatures = [0.7] * len(sample.temperatures)
+        worker.train(batch, policy_version=0)
+    finally:
+        worker.shutdown()
+    assert seen and all(t.dtype == torch.float32 for t in seen)
+    assert all(torch.isclose(t[t != 1.0], torch.tensor(0.7)).all() for t in seen)

@@ -268,9 +268,11 @@ class K2Loss(PolicyLoss):
         old_sums = (batch.old_logprobs * trains).sum(-1)
         per_sample = k2_policy_loss(sums, old_sums, batch.advantages, self.settings.tau)
         log_ratio = (sums - old_sums).detach().abs()
+        # Over the samples that train: a failed reward's sample and a padding copy have no token that does.
+        training = trains.any(-1)
         return LossOutput(
             per_sample.sum() / denominator,
-            {"log_ratio_abs_mean": MetricMean(log_ratio.sum().item(), float(log_ratio.numel()))},
+            {"log_ratio_abs_mean": MetricMean(log_ratio[training].sum().item(), float(training.sum().item()))},
         )
 
 

@@ -119,15 +119,18 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype =
             model.lm_head.weight = model.model.embed_tokens.weight
         _replicate_remaining_parameters(model, tp_mesh)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # The root's float inputs are the sampling temperatures, which divide the logits as they are:
+    # cast to bfloat16, 0.8 would become 0.80078125 and the logprobs would leave the engines'.
+    root_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if strategy == "replicate":
-        replicate(model, mesh=mesh["dp"], mp_policy=policy)
+        replicate(model, mesh=mesh["dp"], mp_policy=root_policy)
         return
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh["dp"], mp_policy=policy)
     # By default the root module keeps its parameters gathered after a forward until the
     # backward; after a no-grad forward (pi_old, sequence_logprobs) the optimizer, QK-Clip
     # and the state dict would then not see the sharded parameters.
-    fully_shard(model, mesh=mesh["dp"], reshard_after_forward=True, mp_policy=policy)
+    fully_shard(model, mesh=mesh["dp"], reshard_after_forward=True, mp_policy=root_policy)
 
 
 def _replicate_remaining_parameters(model: nn.Module, tp_mesh: DeviceMesh) -> None:
