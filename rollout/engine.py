@@ -159,6 +159,10 @@ def engine_arguments(spec: EngineSpec) -> dict:
     )
 
 
+class EngineCoreDied(RuntimeError):
+    """The engine's vLLM core process is gone (killed, out of memory): the engine must be restarted."""
+
+
 class RolloutEngine:
     """Run as an async Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
 
@@ -228,19 +232,24 @@ class RolloutEngine:
         the same requests then form the same batches, whatever the timing of their arrival.
         """
         self._require_weights()
-        # The engine core's pause itself: AsyncLLM.pause_generation then sleeps 20 ms so that outputs
-        # already sent reach their callers first, an ordering nothing here needs, on every call.
-        await self._llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
         try:
-            added = [asyncio.Event() for _ in requests]
-            pending = [asyncio.ensure_future(self._generate_one(r, self._params(r), a)) for r, a in zip(requests, added)]
-            await asyncio.gather(*(event.wait() for event in added))
-        finally:
-            await self._llm.resume_generation()
-        running = set(pending)
-        while running:
-            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            yield [task.result() for task in done]
+            # The engine core's pause itself: AsyncLLM.pause_generation then sleeps 20 ms so that outputs
+            # already sent reach their callers first, an ordering nothing here needs, on every call.
+            await self._llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+            try:
+                added = [asyncio.Event() for _ in requests]
+                pending = [asyncio.ensure_future(self._generate_one(r, self._params(r), a)) for r, a in zip(requests, added)]
+                await asyncio.gather(*(event.wait() for event in added))
+            finally:
+                await self._llm.resume_generation()
+            running = set(pending)
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                yield [task.result() for task in done]
+        except Exception as error:
+            if self._llm.errored:
+                raise EngineCoreDied(f"its vLLM engine core died ({type(error).__name__}: {error})") from None
+            raise
 
     def start_token_budget(self, budget: int) -> None:
         """Count the tokens of requests with `count_tokens` from now on. Once `budget` (> 0) are

@@ -5,7 +5,7 @@ engine (rollout/manager.py, `RolloutContext.engine_for`), so that the samples of
 turns of an episode, reuse their prefix in that engine's cache. Requests made in the same moment
 travel to an engine together, in one streaming call whose results come back as they finish.
 
-An engine that dies is restarted (up to `rollout.max_engine_restarts` times), brought to the
+An engine that dies (its actor, or the vLLM engine core inside it) is restarted (up to `rollout.max_engine_restarts` times), brought to the
 current weight version, and the requests it held are sent again: an episode re-runs from its last
 complete state, never lost and never counted twice.
 """
@@ -22,7 +22,7 @@ import ray
 from rl.cluster.placement import Placement
 from rl.cluster.ray_session import error_summary
 from rl.config import RunConfig
-from rollout.engine import EngineSpec, GenerationRequest, GenerationResult, RolloutEngine
+from rollout.engine import EngineCoreDied, EngineSpec, GenerationRequest, GenerationResult, RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ class EnginePool:
     async def generate(self, request: GenerationRequest, engine: int) -> GenerationResult:
         """Run `request` on engine `engine`; if that engine dies, on its replacement."""
         while True:
+            revive = self._revive_locks.get(engine)
+            if revive is not None and revive.locked():
+                # The engine is being restarted: its new actor takes requests once it holds the weights.
+                async with revive:
+                    pass
             handle = self.engines[engine]
             future = asyncio.get_running_loop().create_future()
             queue = self._queued.setdefault(engine, [])
@@ -121,6 +126,10 @@ class EnginePool:
             try:
                 return await future
             except ray.exceptions.RayActorError as error:
+                await self._revive(engine, handle, error)
+            except ray.exceptions.RayTaskError as error:
+                if not isinstance(error.cause, EngineCoreDied):
+                    raise
                 await self._revive(engine, handle, error)
 
     def _send(self, engine: int) -> None:
