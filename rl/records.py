@@ -152,10 +152,14 @@ class Trajectory:
         return cls(**fields)
 
     @property
+    def ended(self) -> bool:
+        """Whether the episode ended with a response to score (not failed, not paused)."""
+        return self.status in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED)
+
+    @property
     def trainable(self) -> bool:
         """Whether this episode can enter the loss: it ended and its reward did not fail."""
-        ended = self.status in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED)
-        return ended and self.reward is not None and not self.reward.failed
+        return self.ended and self.reward is not None and not self.reward.failed
 
 
 @dataclass

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from rl.records import EpisodeStatus, Task, Trajectory
 from rollout.engine import GenerationRequest
 from rollout.environments.base import Environment, Message
+from rollout.environments.host import WorkerEnvironment
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,12 @@ class Episode:
         seed = request_seed(self.run_seed, t.group_id, 0, -1)
         observation, _ = await self._call("reset", self.task, seed)
         observation = list(_checked(observation, self.task, "reset"))
+        if not observation:
+            raise self._failure("reset", "returned no messages (the prompt)")
         if t.prompt_ids:
-            for action in [m["content"] for m in t.messages if m["role"] == "assistant"]:
+            # The policy's actions are the assistant messages after the prompt (which may hold
+            # assistant messages of its own, such as worked examples).
+            for action in [m["content"] for m in t.messages[len(observation):] if m["role"] == "assistant"]:
                 await self._step(action)
             return
         t.messages = observation
@@ -176,15 +182,19 @@ class Episode:
         if not (isinstance(result, tuple) and len(result) == 5):
             raise self._failure("step", f"returned {type(result).__name__}, not (observation, reward, terminated, truncated, info)")
         observation, reward, terminated, truncated, info = result
-        if not isinstance(reward, (int, float)) or isinstance(reward, bool):
-            raise self._failure("step", f"returned reward {reward!r}, not a number")
+        if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
+            raise self._failure("step", f"returned reward {reward!r}, not a finite number")
         return _checked(observation, self.task, "step"), float(reward), bool(terminated), bool(truncated), info
 
     async def _call(self, method: str, *args: Any) -> Any:
         timeout = self.settings.step_timeout_s
         try:
             result = getattr(self.env, method)(*args)
-            return await asyncio.wait_for(result, timeout) if asyncio.iscoroutine(result) else result
+            if not asyncio.iscoroutine(result):
+                return result
+            # An environment in a worker is timed there, from when its call gets the worker: the
+            # wait behind other episodes' calls, and for the worker to start, is not its time.
+            return await (result if isinstance(self.env, WorkerEnvironment) else asyncio.wait_for(result, timeout))
         except asyncio.TimeoutError:
             raise self._failure(method, f"did not return within rollout.step_timeout_s={timeout:g}s") from None
         except EnvironmentFailure:

@@ -32,7 +32,7 @@ from typing import Any
 
 from rewards import RewardScorer, get_reward, is_group_reward
 from rl.config import RunConfig
-from rl.records import EpisodeStatus, Task, Trajectory
+from rl.records import Task, Trajectory
 from rollout.environments import EnvironmentHost
 from rollout.critic import open_critic
 from rollout.environments.base import Environment
@@ -193,22 +193,23 @@ class RolloutManager:
             async with limit:
                 trajectory = await episode.run(self.context)
             generated_at.append(time.perf_counter())
-            if trajectory.status not in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED):
-                return
             # Episodes whose results arrived together all end before any of them is scored: scoring
             # in this thread would otherwise delay the later ones' ends, and time_reward_s would
             # count it as generation.
             await asyncio.sleep(0)
             if not trajectory.task.reward or not is_group_reward(get_reward(trajectory.task.reward)):
-                trajectory.reward = await self.scorer.score_episode(trajectory, self.config.reward.budget_penalty)
+                if trajectory.ended:
+                    trajectory.reward = await self.scorer.score_episode(trajectory, self.config.reward.budget_penalty)
                 return
-            # A group reward scores the group once its last member has ended.
+            # A group reward scores the members that ended once the last member is done, whether
+            # that one ended or failed.
             group = groups.get(trajectory.group_id, [episode])
             if all(member.done for member in group) and trajectory.group_id not in scoring:
                 scoring.add(trajectory.group_id)
-                ended = [m.trajectory for m in group if m.trajectory.status in (EpisodeStatus.COMPLETED, EpisodeStatus.TRUNCATED)]
-                for t, result in zip(ended, await self.scorer.score_group(ended, self.critic, self.config.reward.budget_penalty)):
-                    t.reward = result
+                ended = [m.trajectory for m in group if m.trajectory.ended]
+                if ended:
+                    for t, result in zip(ended, await self.scorer.score_group(ended, self.critic, self.config.reward.budget_penalty)):
+                        t.reward = result
 
         tasks = [asyncio.ensure_future(play(episode)) for episode in episodes]
         try:

@@ -14,12 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
 from ray import cloudpickle
 
-from rl.records import Task
+from rl.records import EpisodeStatus, Task
 from rollout.environments import (
     Environment,
     EnvironmentConfigError,
@@ -30,6 +31,7 @@ from rollout.environments import (
     register,
 )
 from rollout.environments.guess_number import GuessNumber
+from rollout.episode import Episode, EpisodeSettings
 from sandboxes import SandboxConfig, SandboxLimits, open_sandbox
 from sandboxes.shared import use_sandbox
 
@@ -69,8 +71,39 @@ class Counter(Environment):
         return [{"role": "user", "content": str(self.count)}], 1.0, False, False, {"pid": os.getpid()}
 
 
+class WorkedExample(Environment):
+    """Async: a prompt that holds a worked example (an assistant message); records the actions it gets."""
+
+    def __init__(self, no_prompt: bool = False):
+        self.no_prompt = no_prompt
+        self.actions: list[str] = []
+
+    async def reset(self, task, seed):
+        if self.no_prompt:
+            return [], {}
+        return [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2 + 2?"}], {}
+
+    async def step(self, action):
+        self.actions.append(action)
+        return [{"role": "user", "content": "next"}], 0.0, False, False, {}
+
+
+class Sleepy(Environment):
+    """Synchronous: every reset takes 0.4 s."""
+
+    def reset(self, task, seed):
+        time.sleep(0.4)
+        return [{"role": "user", "content": "hi"}], {}
+
+    def step(self, action):
+        return [], 0.0, True, False, {}
+
+
 register("test-async-echo", AsyncEcho)
 register("test-counter", Counter)
+register("test-worked-example", WorkedExample)
+register("test-sleepy", Sleepy)
 register("test-missing-module", "k2rl_no_such_module:Environment")
 
 
@@ -333,7 +366,7 @@ def test_a_hung_step_replaces_its_worker_and_its_neighbours_replay(ray_cluster):
         assert observation == [{"role": "user", "content": "13"}], "reset and both steps replayed, then this one"
         assert after["pid"] != before["pid"]
 
-        # A caller that stops waiting first (Episode's own timeout) still gets the hung worker replaced.
+        # A caller that stops waiting first (its episode was cancelled) still gets the hung worker replaced.
         impatient = host.make(task_for("test-counter"))
         await impatient.reset(task_for("test-counter"), 0)
         replaced = host.worker_handles()
@@ -348,4 +381,57 @@ def test_a_hung_step_replaces_its_worker_and_its_neighbours_replay(ray_cluster):
     asyncio.run(episodes())
     handles = host.worker_handles()
     host.close()
+    assert_dead(handles)
+
+
+def _episode(task: Task, turns: int = 0, step_timeout_s: float = 5.0) -> Episode:
+    settings = EpisodeSettings(temperature=1.0, top_p=1.0, token_budget=8, max_turns=4, max_model_len=64,
+                               step_timeout_s=step_timeout_s)
+    episode = Episode(task, "g", 0, settings, run_seed=0)
+    episode._turns = turns
+    return episode
+
+
+def test_an_environment_that_gives_no_prompt_fails_its_episode():
+    context = SimpleNamespace(make_env=lambda task: WorkedExample(no_prompt=True))
+    trajectory = asyncio.run(_episode(task_for("test-worked-example")).run(context))
+    assert trajectory.status is EpisodeStatus.FAILED
+    assert "'test-worked-example' reset returned no messages" in trajectory.error
+
+
+def test_a_restored_episode_replays_the_policys_actions_not_the_prompts_examples():
+    """Resumed from a checkpoint, an episode rebuilds its environment: the same reset, then the
+    policy's own replies, which come after the prompt (whose assistant messages are examples)."""
+    task = task_for("test-worked-example")
+    episode = _episode(task, turns=4)
+    prompt, _ = asyncio.run(WorkedExample().reset(task, 0))
+    episode.trajectory.prompt_ids = [1, 2, 3]
+    episode.trajectory.messages = [*prompt, {"role": "assistant", "content": "4"}, {"role": "user", "content": "next"}]
+    restored = Episode.from_state(episode.state_dict(), episode.settings, run_seed=0)
+    environment = WorkedExample()
+    trajectory = asyncio.run(restored.run(SimpleNamespace(make_env=lambda task: environment)))
+    assert environment.actions == ["4"]
+    assert (trajectory.status, trajectory.finish_reason) == (EpisodeStatus.TRUNCATED, "max_turns")
+
+
+@pytest.mark.integration
+def test_waiting_for_a_busy_worker_does_not_count_against_the_step_timeout(ray_cluster):
+    """Six episodes share one worker whose resets take 0.4 s each: the last waits 2 s for its turn
+    (and all wait for the worker to start), against a 1 s limit that is only the call's own."""
+    host = EnvironmentHost(workers=1, step_timeout_s=1.0)
+    task = task_for("test-sleepy")
+
+    async def resets():
+        episodes = [_episode(task, step_timeout_s=1.0) for _ in range(6)]
+        for episode in episodes:
+            episode.env = host.make(task)
+        await asyncio.gather(*(episode._call("reset", task, 0) for episode in episodes))
+        for episode in episodes:
+            episode.close()
+
+    try:
+        asyncio.run(resets())
+    finally:
+        handles = host.worker_handles()
+        host.close()
     assert_dead(handles)

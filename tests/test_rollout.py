@@ -1,5 +1,8 @@
 """The rollout layer on real engines: multi-turn episodes token by token, and engines that die."""
 
+import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -10,9 +13,11 @@ import torch
 
 from conftest import TINY_WORKERS
 
-from rewards import RewardScorer, register
+from rewards import RewardScorer, group_reward, register
 from rl.config import load_config
 from rl.records import EpisodeStatus, RewardResult, Task
+from rollout.environments import Environment
+from rollout.environments import register as register_environment
 from rollout.manager import RolloutManager
 from rollout.rendering import Renderer
 
@@ -119,7 +124,64 @@ def test_scoring_after_episodes_that_end_together_counts_as_reward_time(workers,
     assert rollout.time_reward_s >= 8 * SCORING_S
 
 
-def test_an_engine_killed_mid_rollout_loses_no_episode_and_leaves_no_engine_core(workers, tiny_policy):
+class Misbehaving(Environment):
+    """One reply ends the episode; `mode` says how the environment misbehaves: "nan" rewards it
+    with NaN, "late-failure" makes the first episode of each group fail after the others ended."""
+
+    failed_seeds: set[int] = set()
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    async def reset(self, task, seed):
+        self.seed = seed
+        return [{"role": "user", "content": "Say something."}], {}
+
+    async def step(self, action):
+        if self.mode == "nan":
+            return [], float("nan"), True, False, {}
+        if self.seed not in Misbehaving.failed_seeds:
+            Misbehaving.failed_seeds.add(self.seed)
+            await asyncio.sleep(2.0)
+            raise RuntimeError("a late failure")
+        return [], 1.0, True, False, {}
+
+
+register_environment("test-misbehaving", Misbehaving)
+
+
+@register("test-group-size")
+@group_reward
+async def _group_size(task, responses, context):
+    return [RewardResult(float(len(responses)), "counted") for _ in responses]
+
+
+def test_a_misbehaving_environment_fails_its_episodes_and_a_group_reward_scores_the_rest(workers, tiny_policy):
+    config, started = workers
+    nan = Task("nan", (), "game", reward="", env="test-misbehaving", env_kwargs={"mode": "nan"})
+    late = Task("late", (), "game", reward="test-group-size", env="test-misbehaving", env_kwargs={"mode": "late-failure"})
+    manager = _manager(config, started, tiny_policy)
+    try:
+        rollout = manager.collect([nan, late, late], step=1, temperature=1.0, policy_version=0)
+    finally:
+        manager.close()
+    nan_group, *late_groups = rollout.groups.values()
+    # A reply cut at its token budget ends the episode before any step.
+    stepped = [t for t in nan_group if t.finish_reason != "length"]
+    assert stepped and all(t.status is EpisodeStatus.FAILED and "returned reward nan, not a finite number" in t.error for t in stepped)
+    for group in late_groups:
+        failed = [t for t in group if t.status is EpisodeStatus.FAILED]
+        assert len(failed) == 1 and "RuntimeError: a late failure" in failed[0].error
+        # The failed member ended last; the others were scored as a group of the ones that ended (a
+        # reply cut at its budget scores reward.budget_penalty instead).
+        assert all(t.trainable for t in group if t is not failed[0])
+        assert {t.reward.score for t in group if t.status is EpisodeStatus.COMPLETED} == {float(len(group) - 1)}
+
+
+@pytest.mark.parametrize("killed_part", ["actor", "engine core"])
+def test_an_engine_killed_mid_rollout_loses_no_episode_and_leaves_no_engine_core(workers, tiny_policy, killed_part):
+    """Whether the engine's actor dies or only the vLLM engine core inside it (the process the
+    kernel's out-of-memory killer picks), the engine is restarted and its episodes go on."""
     config, started = workers
     manager = _manager(config, started, tiny_policy)
     restarts = started.engines.restarts[0]
@@ -129,7 +191,11 @@ def test_an_engine_killed_mid_rollout_loses_no_episode_and_leaves_no_engine_core
 
     def kill_soon():
         time.sleep(1.0)
-        ray.kill(started.engines.engines[0])
+        if killed_part == "actor":
+            ray.kill(started.engines.engines[0])
+        else:
+            for pid in engine_core:
+                os.kill(pid, signal.SIGKILL)
         killed.set()
 
     killer = threading.Thread(target=kill_soon)

@@ -20,7 +20,7 @@ worker, so waiting behind other episodes never counts. A call past the limit fai
 replaced; so is a worker that dies. The other episodes that lived on it are rebuilt on the new
 worker before their next step by replaying their history: reset with the same seed, then the same
 actions, which is why a synchronous environment must be deterministic given its seed and actions.
-A hang is cut off even when the caller stops waiting first (Episode has its own timeout).
+A hang is cut off even when the caller stops waiting.
 
 An exception raised inside an environment comes back as itself: its type and message, without
 Ray's wrapper or the worker's traceback. Ray is the caller's to start and stop.
@@ -71,7 +71,7 @@ class EnvironmentHost:
         if _is_async_class(factory):
             return registry.instantiate(task.env, factory, kwargs)
         registry.check_arguments(task.env, factory, kwargs)
-        return _WorkerEnvironment(self, self._place(), f"{next(self._keys)}", task, factory, kwargs)
+        return WorkerEnvironment(self, self._place(), f"{next(self._keys)}", task, factory, kwargs)
 
     def close(self) -> None:
         """Kill every worker; environments still open die with them."""
@@ -94,7 +94,7 @@ class EnvironmentHost:
         worker.episodes += 1
         return worker
 
-    async def _call(self, episode: _WorkerEnvironment, method: str, args: tuple[Any, ...]) -> Any:
+    async def _call(self, episode: WorkerEnvironment, method: str, args: tuple[Any, ...]) -> Any:
         """`method` of the episode's environment, on its worker, once the worker is free.
 
         The call itself runs as a task of its own, shielded from the caller's cancellation: a
@@ -110,7 +110,10 @@ class EnvironmentHost:
         call.add_done_callback(lambda done: _settle(worker.lock, done))
         return await asyncio.shield(call)
 
-    async def _call_holding_worker(self, episode: _WorkerEnvironment, method: str, args: tuple[Any, ...]) -> Any:
+    async def _call_holding_worker(self, episode: WorkerEnvironment, method: str, args: tuple[Any, ...]) -> Any:
+        if episode.released:
+            # Its episode ended (failed or was cancelled) while this call waited for the worker.
+            raise EnvironmentWorkerError(f"environment {episode.env_id!r} {method}: its episode is over (task {episode.task_id!r})")
         worker = episode.worker
         if method == "reset":
             episode.handle = worker.handle
@@ -118,7 +121,7 @@ class EnvironmentHost:
             await self._replay(episode)
         return await self._timed(episode, method, args)
 
-    async def _replay(self, episode: _WorkerEnvironment) -> None:
+    async def _replay(self, episode: WorkerEnvironment) -> None:
         """Rebuild the episode's environment on its worker's new actor: the same reset, the same actions."""
         episode.handle = episode.worker.handle
         try:
@@ -133,7 +136,7 @@ class EnvironmentHost:
                 f"raised {type(error).__name__}: {error}); is it deterministic given its seed and actions?"
             ) from None
 
-    async def _timed(self, episode: _WorkerEnvironment, method: str, args: tuple[Any, ...]) -> Any:
+    async def _timed(self, episode: WorkerEnvironment, method: str, args: tuple[Any, ...]) -> Any:
         worker = episode.worker
         await self._until_started(episode)
         if method == "reset":
@@ -158,7 +161,7 @@ class EnvironmentHost:
             raise reply.error
         return reply.value
 
-    async def _until_started(self, episode: _WorkerEnvironment) -> None:
+    async def _until_started(self, episode: WorkerEnvironment) -> None:
         try:
             await asyncio.wait_for(episode.worker.ready, _WORKER_START_TIMEOUT_S)
         except TimeoutError:
@@ -171,7 +174,7 @@ class EnvironmentHost:
         if not self._closed:
             worker.start()
 
-    def _release(self, episode: _WorkerEnvironment) -> None:
+    def _release(self, episode: WorkerEnvironment) -> None:
         """The episode is over: free its place, and its environment unless it died with an old worker."""
         episode.worker.episodes -= 1
         if not self._closed and episode.handle is episode.worker.handle:
@@ -197,7 +200,7 @@ class _Worker:
         self.ready = self.handle.ready.remote()
 
 
-class _WorkerEnvironment(Environment):
+class WorkerEnvironment(Environment):
     """A synchronous environment in a worker, seen from the driver as an async one; it keeps its
     reset and actions, to rebuild the environment on a new worker."""
 
@@ -210,7 +213,7 @@ class _WorkerEnvironment(Environment):
         self.reset_args: tuple[Task, int] | None = None
         self.actions: list[str] = []
         self.failure = ""
-        self._released = False
+        self.released = False
 
     async def reset(self, task: Task, seed: int) -> ResetResult:
         self.reset_args, self.actions = (task, seed), []
@@ -222,8 +225,8 @@ class _WorkerEnvironment(Environment):
         return result
 
     def close(self) -> None:
-        if not self._released:
-            self._released = True
+        if not self.released:
+            self.released = True
             self.host._release(self)
 
     def fail(self, what: str) -> EnvironmentWorkerError:
