@@ -41,7 +41,7 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from rl.cluster.engine_pool import EngineStartError
-    from rl.loop import Controller, RewardErrorLimit
+    from rl.loop import Controller, FailureLimit
     from rl.run_checkpoint import CheckpointError
     from rl.weight_sync.transport import WeightSyncError
     from rollout.critic import CriticError
@@ -63,7 +63,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     try:
         with ray_session(ns.ray_address, ns.verbose):
             summary = controller.run(model_path)
-    except (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, RewardErrorLimit, RenderError, WeightSyncError,
+    except (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, FailureLimit, RenderError, WeightSyncError,
             CriticError) as error:
         return _fail(str(error))
     except ray.exceptions.RayError as error:

@@ -150,6 +150,9 @@ class RolloutConfig:
     max_turns: int = 8
     # An environment's reset or step that takes longer ends its episode (recorded as failed).
     step_timeout_s: float = 30.0
+    # Past this share of training episodes whose environment failed (raised, hung, answered
+    # malformed), over at least 100, the run stops.
+    max_environment_error_frac: float = 0.05
     # Ray actors that run environments with plain (blocking) reset/step, started on first need;
     # `async def` environments run in the driver's event loop.
     env_workers: int = 2
@@ -397,8 +400,10 @@ class RunConfig:
             raise ConfigError(f"reward.num_workers must be >= 0 (0: score in the driver), got {self.reward.num_workers}")
         if self.checkpoint.every < 0:
             raise ConfigError(f"checkpoint.every must be >= 0 (0: only when stopped), got {self.checkpoint.every}")
-        if not 0 <= self.reward.max_error_frac <= 1:
-            raise ConfigError(f"reward.max_error_frac must be in [0, 1], got {self.reward.max_error_frac}")
+        for key, value in (("reward.max_error_frac", self.reward.max_error_frac),
+                           ("rollout.max_environment_error_frac", self.rollout.max_environment_error_frac)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{key} must be in [0, 1], got {value}")
         self._check_critic()
         if self.model.prompt_format not in ("auto", "chat", "plain"):
             raise ConfigError(f"model.prompt_format must be auto, chat or plain, got {self.model.prompt_format!r}")
@@ -543,6 +548,7 @@ RESUMABLE_KEYS = (
     "cluster.",
     "reward.num_workers",
     "reward.max_error_frac",
+    "rollout.max_environment_error_frac",
 )
 
 

@@ -35,7 +35,7 @@ from rl.data.ptx import PTXData
 from rl.evaluation import accuracy
 from rewards.length import LengthReward
 from rl.metrics import MetricsLogger
-from rl.records import Task, TrainSample, Trajectory
+from rl.records import EpisodeStatus, Task, TrainSample, Trajectory
 from rl.run_checkpoint import (
     CheckpointError,
     LoopState,
@@ -53,8 +53,16 @@ from rollout.rendering import Renderer
 log = logging.getLogger("k2rl")
 
 
-class RewardErrorLimit(RuntimeError):
+class FailureLimit(RuntimeError):
+    """User code failed more often than its config key allows; the message names the key."""
+
+
+class RewardErrorLimit(FailureLimit):
     """Rewards raised on more responses than `reward.max_error_frac` allows."""
+
+
+class EnvironmentErrorLimit(FailureLimit):
+    """Environments failed in more episodes than `rollout.max_environment_error_frac` allows."""
 
 
 @dataclass
@@ -105,6 +113,7 @@ class Controller:
         self._prepared = False
         self.version = 0
         self.reward_errors = self.responses_scored = 0
+        self.environment_errors = self.episodes_played = 0
         self._stop_signal: int | None = None
 
     def prepare(self, model_path: str, resume: bool = False) -> None:
@@ -214,7 +223,7 @@ class Controller:
         tasks = self.critique.step_tasks(self._with_env(self.sampler.sample(config.data.prompts_per_step - critic_tasks)), critic_tasks)
         step_rollout = rollout.collect(tasks, step, temperature, self.version)
         trajectories = step_rollout.trajectories
-        self._count_reward_errors(trajectories)
+        self._count_failures(trajectories)
         scored = [t for t in trajectories if t.trainable]
         sampled = [t for t in scored if t.task.task_type != CRITIQUE_TASK_TYPE]
         self.sampler.update([t.task for t in sampled], [float(t.reward.score >= 1.0) for t in sampled])
@@ -322,21 +331,35 @@ class Controller:
         """Greedy accuracy on the held-out tasks; a response cut at its budget counts as wrong."""
         return accuracy([t.reward for t in rollout.evaluate(self.eval_tasks)])
 
-    def _count_reward_errors(self, trajectories: list[Trajectory]) -> None:
-        """Count responses whose reward raised; stop the run past `reward.max_error_frac` of all
-        responses so far (taken over at least 100, so that one early error cannot end a run)."""
-        failed = [t for t in trajectories if t.reward is not None and t.reward.failed]
-        if failed and self.reward_errors == 0:
+    def _count_failures(self, trajectories: list[Trajectory]) -> None:
+        """Count responses whose reward raised and episodes whose environment failed; stop the run
+        past `reward.max_error_frac` or `rollout.max_environment_error_frac` of them so far (taken
+        over at least 100, so that one early failure cannot end a run)."""
+        rewards_failed = [t for t in trajectories if t.reward is not None and t.reward.failed]
+        if rewards_failed and self.reward_errors == 0:
             log.error("reward %r raised on task %r (further reward errors are counted, not logged):\n%s",
-                      failed[0].task.reward, failed[0].task.task_id, failed[0].reward.error)
-        self.reward_errors += len(failed)
+                      rewards_failed[0].task.reward, rewards_failed[0].task.task_id, rewards_failed[0].reward.error)
+        environments_failed = [t for t in trajectories if t.status is EpisodeStatus.FAILED]
+        if environments_failed and self.environment_errors == 0:
+            log.error("%s (further environment failures are counted, not logged)", environments_failed[0].error)
+        self.reward_errors += len(rewards_failed)
         self.responses_scored += sum(t.reward is not None for t in trajectories)
+        self.environment_errors += len(environments_failed)
+        self.episodes_played += len(trajectories)
+        train_log = self.run_dir / "train.log"
         limit = self.config.reward.max_error_frac
         if self.reward_errors > limit * max(self.responses_scored, 100):
-            first = failed[0].reward.reason if failed else "see train.log"
+            first = rewards_failed[0].reward.reason if rewards_failed else "see train.log"
             raise RewardErrorLimit(
                 f"rewards raised on {self.reward_errors} of {self.responses_scored} responses, more than "
-                f"reward.max_error_frac={limit:g} allows ({first}; the first traceback is in {self.run_dir / 'train.log'})"
+                f"reward.max_error_frac={limit:g} allows ({first}; the first traceback is in {train_log})"
+            )
+        limit = self.config.rollout.max_environment_error_frac
+        if self.environment_errors > limit * max(self.episodes_played, 100):
+            first = environments_failed[0].error if environments_failed else "see train.log"
+            raise EnvironmentErrorLimit(
+                f"environments failed in {self.environment_errors} of {self.episodes_played} episodes, more than "
+                f"rollout.max_environment_error_frac={limit:g} allows ({first}; the first failure is in {train_log})"
             )
 
     def _checkpoint(self, step: int, workers: Workers, rollout: RolloutManager, fingerprint: str) -> None:
@@ -350,6 +373,8 @@ class Controller:
             rng=driver_rng_state(),
             reward_errors=self.reward_errors,
             responses_scored=self.responses_scored,
+            environment_errors=self.environment_errors,
+            episodes_played=self.episodes_played,
             model_fingerprint=fingerprint,
             partial_buffer=rollout.state_dict(),
             ptx=self.ptx.state_dict() if self.ptx else {},
@@ -368,6 +393,7 @@ class Controller:
         restore_driver_rng(state.rng)
         self.version = state.weight_version
         self.reward_errors, self.responses_scored = state.reward_errors, state.responses_scored
+        self.environment_errors, self.episodes_played = state.environment_errors, state.episodes_played
         (self.run_dir / "metrics.jsonl").write_text((path / "metrics.jsonl").read_text() if (path / "metrics.jsonl").is_file() else "")
         log.info("resumed from %s (step %d, weight version %d)", path, state.step, state.weight_version)
         return state.step

@@ -51,6 +51,8 @@ class LoopState:
     model_fingerprint: str
     partial_buffer: list[dict[str, Any]] = field(default_factory=list)
     ptx: dict[str, Any] = field(default_factory=dict)
+    environment_errors: int = 0
+    episodes_played: int = 0
 
 
 def driver_rng_state() -> dict[str, Any]:

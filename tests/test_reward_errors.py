@@ -1,6 +1,7 @@
 """A reward that raises is counted and reported, never turned into training signal: its response is
 masked out of the loss and left out of its group's baseline, and past reward.max_error_frac of
-all responses the run stops with one clear line."""
+all responses the run stops with one clear line. The same holds for environments that fail, past
+rollout.max_environment_error_frac of the episodes."""
 
 import json
 from itertools import count
@@ -12,8 +13,10 @@ from conftest import TINY_WORKERS
 
 from rewards import register
 from rl.config import load_config
-from rl.loop import Controller, RewardErrorLimit
+from rl.loop import Controller, EnvironmentErrorLimit, RewardErrorLimit
 from rl.records import EpisodeStatus, RewardResult, Task, Trajectory
+from rollout.environments import Environment
+from rollout.environments import register as register_environment
 
 _calls = count()
 
@@ -79,3 +82,30 @@ def test_a_reward_that_always_raises_stops_the_run_with_one_line(tiny_policy, ti
     assert "\n" not in message and "rewards raised on 16 of 16 responses" in message, message
     assert "reward.max_error_frac=0.05" in message and "train.log" in message
     assert "ValueError: this reward is broken" in (tmp_path / "run" / "train.log").read_text()
+
+
+class BrokenEnvironment(Environment):
+    async def reset(self, task, seed):
+        raise KeyError("the level file")
+
+    async def step(self, action):
+        raise AssertionError("never reached")
+
+
+register_environment("test-broken", BrokenEnvironment)
+
+
+@pytest.mark.integration
+def test_an_environment_that_always_fails_stops_the_run_with_one_line(tiny_policy, tiny_workers, tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"level-{i}", "env": "test-broken", "task_type": "game"}) + "\n" for i in range(4)))
+    config = load_config(None, [
+        f"model.path={tiny_policy}", *TINY_WORKERS, f"data.train_path={tasks}", f"data.eval_path={tasks}", "steps=3",
+        "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=2",
+    ])
+    with pytest.raises(EnvironmentErrorLimit) as stopped:
+        Controller(config, tmp_path / "run").run(str(tiny_policy), workers=tiny_workers)
+    message = str(stopped.value)
+    assert "\n" not in message and "environments failed in 16 of 16 episodes" in message, message
+    assert "rollout.max_environment_error_frac=0.05" in message and "KeyError: 'the level file'" in message
+    assert "environment 'test-broken' reset raised KeyError" in (tmp_path / "run" / "train.log").read_text()
