@@ -98,6 +98,9 @@ def get_reward(name: str) -> RewardFn:
         raise UnknownRewardError(
             f"unknown reward {name!r} (registered: {', '.join(reward_names())})"
         )
+    declared = {ep.value for ep in entry_points(group=ENTRY_POINT_GROUP, name=name)}
+    if len(declared) > 1:
+        raise ValueError(f"reward {name!r} is declared by more than one installed entry point: {', '.join(sorted(declared))}")
     _REWARDS[name] = _load(entry_point)
     return _REWARDS[name]
 

@@ -251,3 +251,13 @@ def test_a_reward_that_returns_no_result_or_no_finite_score_fails(isolated_regis
     assert all(result.failed for result in results)
     assert "returned float, not a RewardResult" in results[0].reason
     assert "returned the score nan, not a finite number" in results[1].reason
+
+
+def test_a_reward_name_two_distributions_declare_is_refused(plugin: None, tmp_path: Path) -> None:
+    second = tmp_path / "k2rl_other_plugin-0.1.dist-info"
+    second.mkdir()
+    (second / "METADATA").write_text("Metadata-Version: 2.1\nName: k2rl_other_plugin\nVersion: 0.1\n")
+    (second / "entry_points.txt").write_text("[k2rl.rewards]\nplugin_reward = k2rl_other_module:reward\n")
+    with pytest.raises(ValueError, match="reward 'plugin_reward' is declared by more than one installed entry point: "
+                                         f"k2rl_other_module:reward, {PLUGIN_MODULE}:reward"):
+        get_reward("plugin_reward")
