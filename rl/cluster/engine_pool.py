@@ -5,9 +5,10 @@ engine (rollout/manager.py, `RolloutContext.engine_for`), so that the samples of
 turns of an episode, reuse their prefix in that engine's cache. Requests made in the same moment
 travel to an engine together, in one streaming call whose results come back as they finish.
 
-An engine that dies (its actor, or the vLLM engine core inside it) is restarted (up to `rollout.max_engine_restarts` times), brought to the
-current weight version, and the requests it held are sent again: an episode re-runs from its last
-complete state, never lost and never counted twice.
+An engine that dies (its actor, or the vLLM engine core inside it) is restarted (up to
+`rollout.max_engine_restarts` times), brought to the current weight version, and the requests it
+held are sent again: an episode re-runs from its last complete state, never lost and never counted
+twice.
 """
 
 from __future__ import annotations
