@@ -162,3 +162,20 @@ def test_a_bfloat16_trainer_divides_the_logits_by_the_exact_sampling_temperature
         worker.shutdown()
     assert seen and all(t.dtype == torch.float32 for t in seen)
     assert all(torch.isclose(t[t != 1.0], torch.tensor(0.7)).all() for t in seen)
+
+
+@pytest.mark.parametrize(("count", "data_parallel_size", "steps", "real"), [
+    (9, 2, 4, [[2, 1, 1, 1], [1, 1, 1, 1]]),
+    (253, 2, 1, [[127], [126]]),
+    (13, 4, 1, [[4], [3], [3], [3]]),
+    (1, 2, 2, [[1, 0], [0, 0]]),
+])
+def test_the_batch_is_shared_evenly_over_ranks_and_optimizer_steps(count, data_parallel_size, steps, real):
+    """Masked copies pad every mini-batch to one size: no step trains on padding alone while
+    another has samples to spare."""
+    from rl.cluster.trainer_group import shard_batch
+
+    shards = shard_batch(samples(count, 64), data_parallel_size, steps)
+    assert len({len(shard) for shard in shards}) == 1
+    size = len(shards[0]) // steps
+    assert [[sum(any(s.loss_mask) for s in shard[k * size : (k + 1) * size]) for k in range(steps)] for shard in shards] == real

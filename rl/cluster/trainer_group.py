@@ -85,16 +85,7 @@ class TrainerGroup:
         return merge_rank_metrics(results, self.tp)
 
     def _shards(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
-        dp = self.world // self.tp
-        if not samples:
-            return [[] for _ in range(dp)]
-        parts = dp * self.config.trainer.optimizer_steps_per_batch
-        # A prompt's samples side by side, so that a shard holds whole groups: the trainer computes a
-        # prompt once for the samples of it that share a micro-batch.
-        samples = [sample for group in prompt_groups(samples) for sample in group]
-        samples = samples + [_masked(samples[0])] * (-len(samples) % parts)
-        shard = len(samples) // dp
-        return [samples[group * shard : (group + 1) * shard] for group in range(dp)]
+        return shard_batch(samples, self.world // self.tp, self.config.trainer.optimizer_steps_per_batch)
 
     def ptx_eval(self, samples: list[TrainSample]) -> float:
         """The mean next-token loss over the masked tokens of `samples`."""
@@ -131,3 +122,23 @@ class TrainerGroup:
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
+
+
+def shard_batch(samples: list[TrainSample], data_parallel_size: int, steps: int) -> list[list[TrainSample]]:
+    """Each data-parallel rank's part of the batch: `steps` equal mini-batches, one per optimizer step."""
+    if not samples:
+        return [[] for _ in range(data_parallel_size)]
+    parts = data_parallel_size * steps
+    # A prompt's samples side by side, so that a shard holds whole groups: the trainer computes a
+    # prompt once for the samples of it that share a micro-batch.
+    samples = [sample for group in prompt_groups(samples) for sample in group]
+    # One part per rank and optimizer step, as equal as can be, each padded to the largest with
+    # masked copies: no step of any rank trains on padding alone while another has samples to spare.
+    size = -(-len(samples) // parts)
+    full = len(samples) - (size - 1) * parts  # the first `full` parts need no padding
+    padded, start = [], 0
+    for part in range(parts):
+        short = part >= full
+        padded.append(samples[start : start + size - short] + [_masked(samples[0])] * short)
+        start += size - short
+    return [[sample for part in padded[rank * steps : (rank + 1) * steps] for sample in part] for rank in range(data_parallel_size)]
