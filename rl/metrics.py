@@ -52,7 +52,9 @@ def plot_rewards(rows: list[dict[str, Any]], out_path: Path) -> None:
         axis.plot(*zip(*accuracy), label="held-out accuracy (greedy)", color="tab:orange", marker="o")
     axis.set_xlabel("step")
     axis.set_ylabel("reward / accuracy")
-    axis.set_ylim(-0.05, 1.05)
+    # Rewards may leave [0, 1] (a negative budget penalty, a length reward): the axis follows them.
+    values = [value for _, value in reward + accuracy]
+    axis.set_ylim(min([0.0, *values]) - 0.05, max([1.0, *values]) + 0.05)
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     figure.tight_layout()

@@ -203,8 +203,9 @@ class EnginePool:
             ray.get([engine.shutdown.remote() for engine in self.engines], timeout=30)
         except Exception:  # noqa: BLE001 - a dead or stuck engine is killed below regardless
             pass
-        for engine in self.engines:
-            ray.kill(engine)
-        self.engines = []
-        if hasattr(self, "loop"):
-            self.loop.close()
+        finally:  # a Ctrl-C during the wait too
+            for engine in self.engines:
+                ray.kill(engine)
+            self.engines = []
+            if hasattr(self, "loop"):
+                self.loop.close()

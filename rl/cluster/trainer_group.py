@@ -119,9 +119,10 @@ class TrainerGroup:
             ray.get([rank.shutdown.remote() for rank in self.ranks], timeout=30)
         except Exception:  # noqa: BLE001 - cleanup must reach the kills below
             pass
-        for rank in self.ranks:
-            ray.kill(rank)
-        self.ranks = []
+        finally:  # a Ctrl-C during the wait too
+            for rank in self.ranks:
+                ray.kill(rank)
+            self.ranks = []
 
 
 def shard_batch(samples: list[TrainSample], data_parallel_size: int, steps: int) -> list[list[TrainSample]]:

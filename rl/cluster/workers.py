@@ -70,8 +70,16 @@ class Workers:
         return f"trainer ranks on [{ranks}] ({self.trainers.strategy}), engines on [{engines}]"
 
     def shutdown(self) -> None:
+        """Stop every piece, whatever stopping the one before raised (a second Ctrl-C included);
+        then raise the first such error."""
+        first: BaseException | None = None
         for piece in (self.trainers, self.engines, self.placement):
-            _stop(piece)
+            try:
+                _stop(piece)
+            except BaseException as error:  # noqa: BLE001 - re-raised once every piece is stopped
+                first = first or error
+        if first is not None:
+            raise first
 
 
 # What the actors themselves are made of: a run may use workers started for another config only
