@@ -24,6 +24,7 @@ default policy stays exactly as it is:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -119,10 +120,16 @@ def ensure_default_policy(embedded: str = "default") -> Path:
     """Return the cached embedded policy `embedded` (EMBEDDED_POLICIES), building it on first use."""
     name, spec = EMBEDDED_POLICIES[embedded]
     path = default_policy_dir(name)
-    if not (path / "bootstrap.json").exists():
-        print(f"k2rl: building the embedded policy {name} into {path} (one time: minutes to most of an hour on 2 CPU cores)", file=sys.stderr)
-        report = bootstrap(path, spec)
-        print(f"k2rl: {name} built in {report.seconds:.0f} s: {report.describe()}", file=sys.stderr)
+    if (path / "bootstrap.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Two runs started together on a fresh machine: one builds, the other waits for it.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "bootstrap.json").exists():
+            print(f"k2rl: building the embedded policy {name} into {path} (one time: minutes to most of an hour on 2 CPU cores)", file=sys.stderr)
+            report = bootstrap(path, spec)
+            print(f"k2rl: {name} built in {report.seconds:.0f} s: {report.describe()}", file=sys.stderr)
     return path
 
 
@@ -329,7 +336,11 @@ class BootstrapReport:
 
 
 def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
-    """Build tokenizer and model, run the SFT, save as a Hugging Face model directory."""
+    """Build tokenizer and model, run the SFT, save as a Hugging Face model directory (replacing
+    an earlier build there, never a folder that holds anything else)."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "bootstrap.json").exists():
+        raise ValueError(f"{out_dir} holds files but no bootstrap.json (not a built policy): choose an empty or new folder")
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
     tokenizer = train_tokenizer(spec)
@@ -369,7 +380,7 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
         comparison_accuracy=greedy_accuracy_hf(model, tokenizer, comparison_eval_tasks(spec), max_new_tokens=COMPARISON_REPLY_TOKENS)
         if spec.comparison_fraction else None,
     )
-    staging = out_dir.with_name(out_dir.name + ".partial")
+    staging = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)

@@ -142,7 +142,10 @@ def cmd_bootstrap(ns: argparse.Namespace) -> int:
 
     name, spec = EMBEDDED_POLICIES[ns.embedded]
     out_dir = Path(ns.out) if ns.out else default_policy_dir(name)
-    report = bootstrap(out_dir, spec)
+    try:
+        report = bootstrap(out_dir, spec)
+    except ValueError as error:
+        return _fail(str(error))
     print(f"k2rl: built the {ns.embedded} policy in {report.seconds:.0f} s: {report.describe()}; saved to {out_dir}")
     return 0
 

@@ -147,3 +147,11 @@ def test_a_curriculum_needs_a_difficulty_on_every_task(tmp_path):
     config = load_config(None, [f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.curriculum.steps=10"])
     with pytest.raises(ValueError, match="data.curriculum needs a difficulty for every task; task 'plain' has none"):
         Controller(config, tmp_path / "run")
+
+
+def test_bootstrap_refuses_a_folder_that_holds_anything_but_a_policy(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["bootstrap", "--out", str(tmp_path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"k2rl: error: {tmp_path} holds files but no bootstrap.json (not a built policy): choose an empty or new folder"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
