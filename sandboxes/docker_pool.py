@@ -509,9 +509,13 @@ class DockerSandbox(LoopSandbox):
             # short budget, then the whole container goes. The caller need not wait for either.
             return RunResult(verdict, None, stdout, stderr, duration), lambda: self._stop_run(slot)
         if report is None:
-            # The runner's stream ended without a report: only the program can cause that (it runs
-            # as the same user), so it is the program's failure, not the sandbox's.
+            # The runner's stream ended without a report. In a container still up, only the program
+            # can have done that (it runs as the runner's user): its failure. A container that is
+            # gone went with the sandbox (killed, the engine stopped, the host out of memory).
+            running = _still_running(slot)
             self._kill_now(slot)
+            if not running:
+                return _error_result(f"container {_short(slot)} stopped during the run", duration), None
             return RunResult(STATUS_RUNTIME_ERROR, None, stdout, stderr, duration), None
         self._check_cleanup(slot, report)
         exit_code = report["exit_code"]
@@ -623,6 +627,14 @@ def _run_message(request: RunRequest, limits: SandboxLimits, scratch_mb: int) ->
 
 def _error_result(message: str, duration: float) -> RunResult:
     return RunResult(STATUS_SANDBOX_ERROR, None, "", message, duration)
+
+
+def _still_running(slot: _Slot) -> bool:
+    try:
+        slot.container.reload()
+    except Exception:  # noqa: BLE001 - any answer but "running" (none at all included) means gone
+        return False
+    return slot.container.status == "running"
 
 
 def _short(slot: _Slot) -> str:

@@ -464,6 +464,22 @@ def test_containers_killed_from_outside_are_replaced(sandbox, docker_client):
     assert sandbox.wait_healthy(15.0), sandbox.health()
 
 
+def test_a_container_killed_during_a_run_fails_the_sandbox_not_the_program(sandbox, docker_client):
+    def kill_soon():
+        time.sleep(0.5)
+        for container in _containers(docker_client, sandbox._pool_id):
+            container.kill()
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    try:
+        result = sandbox.run_sync(py("import time\nprint('started', flush=True)\ntime.sleep(1.5)\nprint('done')"))
+    finally:
+        killer.join()
+    assert result.status == "sandbox_error" and "stopped during the run" in result.stderr, result
+    assert sandbox.wait_healthy(15.0), sandbox.health()
+
+
 _OWNER_SCRIPT = """
 import sys, time
 from sandboxes import RunRequest, SandboxConfig, SandboxLimits, open_sandbox
