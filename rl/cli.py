@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -39,14 +40,23 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return (files[0] if files else None), [a for a in args if "=" in a]
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """What a run (or a bench's run) raises with a message that names its cause: one line each."""
     from rl.cluster.engine_pool import EngineStartError
-    from rl.loop import Controller, FailureLimit
+    from rl.loop import FailureLimit
     from rl.run_checkpoint import CheckpointError
     from rl.weight_sync.transport import WeightSyncError
     from rollout.critic import CriticError
-    from rollout.environments import EnvironmentConfigError
     from rollout.rendering import RenderError
+
+    return (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, FailureLimit, RenderError, WeightSyncError,
+            CriticError)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from rl.loop import Controller
+    from rl.run_checkpoint import CheckpointError
+    from rollout.environments import EnvironmentConfigError
 
     try:
         config, run_dir = _train_config(ns)
@@ -63,8 +73,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     try:
         with ray_session(ns.ray_address, ns.verbose):
             summary = controller.run(model_path)
-    except (EngineStartError, ConfigError, CheckpointError, UnknownRewardError, FailureLimit, RenderError, WeightSyncError,
-            CriticError) as error:
+    except _run_errors() as error:
         return _fail(str(error))
     except ray.exceptions.RayError as error:
         return _fail(f"a Ray worker failed: {str(error).strip().splitlines()[-1]}")
@@ -214,6 +223,9 @@ def cmd_bench_sandbox(ns: argparse.Namespace) -> int:
     from sandboxes import SandboxUnavailable
     from sandboxes.bench import run_sandbox_bench
 
+    for flag, value in (("--programs", ns.programs), ("--concurrency", ns.concurrency)):
+        if value <= 0:
+            return _fail(f"{flag} must be > 0, got {value}")
     try:
         bench = run_sandbox_bench(ns.programs, ns.concurrency, ns.image)
     except SandboxUnavailable as error:
@@ -226,9 +238,12 @@ def cmd_bench_weight_sync(ns: argparse.Namespace) -> int:
     from rl.weight_sync.bench import run_weight_sync_bench
 
     for flag, value in (("--params", ns.params), ("--engines", ns.engines), ("--bucket-mb", ns.bucket_mb), ("--repeats", ns.repeats)):
-        if value <= 0:
-            return _fail(f"{flag} must be > 0, got {value:g}")
-    bench = run_weight_sync_bench(int(ns.params), ns.engines, ns.bucket_mb, ns.repeats)
+        if not 0 < value < math.inf:
+            return _fail(f"{flag} must be a finite number > 0, got {value:g}")
+    try:
+        bench = run_weight_sync_bench(int(ns.params), ns.engines, ns.bucket_mb, ns.repeats)
+    except _run_errors() as error:
+        return _fail(str(error))
     print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
     return 0
 
@@ -250,7 +265,7 @@ def cmd_bench_step(ns: argparse.Namespace) -> int:
             else:
                 sizes = built_in_sizes(ns.sizes.split(","), Path(scratch))
             bench = run_step_bench(sizes, ns.steps, ns.warmup, ns.length, tuple(ns.overrides))
-    except ConfigError as error:
+    except _run_errors() as error:
         return _fail(str(error))
     print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
     return 0
@@ -263,11 +278,13 @@ def cmd_bench_rollout(ns: argparse.Namespace) -> int:
     for flag, value in (("--requests", ns.requests), ("--length", ns.length), ("--repeats", ns.repeats), ("--steps", ns.steps)):
         if value <= 0:
             return _fail(f"{flag} must be > 0, got {value}")
+    if ns.warmup < 0:
+        return _fail(f"--warmup must be >= 0, got {ns.warmup}")
     try:
         model = require_model_dir(ns.model, "--model") if ns.model else str(ensure_default_policy())
         bench = run_rollout_bench(model, ns.requests, ns.length, ns.repeats, ns.steps, ns.warmup,
                                   overrides=tuple(ns.overrides))
-    except ConfigError as error:
+    except _run_errors() as error:
         return _fail(str(error))
     print(json.dumps(bench.to_dict(), indent=2) if ns.json else bench.describe())
     return 0
@@ -278,8 +295,14 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
     runs = {}
     for item in ns.runs:
-        label, _, path = item.rpartition("=")
-        runs[label or Path(path).name] = Path(path)
+        # LABEL=PATH, or a path (which may hold "=" itself).
+        if Path(item).exists() or "=" not in item:
+            label, path = Path(item).name, item
+        else:
+            label, _, path = item.partition("=")
+        if label in runs:
+            return _fail(f"two runs are labelled {label!r}: label them apart with LABEL=PATH")
+        runs[label] = Path(path)
     try:
         plot_runs(runs, ns.metric, Path(ns.out), ns.x)
     except (FileNotFoundError, ValueError) as error:

@@ -122,7 +122,9 @@ class OfflineEngine:
         """The seconds `LLM.generate` took, and each request's response token ids."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, logprobs=0, detokenize=False) for seed in seeds]
+        # The rollout engine's own request settings (rollout/engine.py), so that both sides do the same work.
+        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, logprobs=0, flat_logprobs=True,
+                                 detokenize=False, skip_clone=True) for seed in seeds]
         started = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return time.perf_counter() - started, [list(o.outputs[0].token_ids) for o in outputs]

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from .docker_pool import lockdown_options
+from .docker_pool import LABEL, LABEL_OWNER, lockdown_options, owner_label
 from .image import docker_client
 from .limits import RunRequest, SandboxConfig, SandboxLimits
 
@@ -78,6 +78,8 @@ def _timed(fn, inputs: list[str], concurrency: int) -> BenchSide:
 
 
 def run_sandbox_bench(programs: int, concurrency: int, image: str) -> SandboxBench:
+    import docker
+
     from . import open_sandbox
 
     limits = SandboxLimits()
@@ -98,16 +100,20 @@ def run_sandbox_bench(programs: int, concurrency: int, image: str) -> SandboxBen
     client = docker_client(timeout=60)
 
     def one_container(text: str) -> bool:
-        # The same lockdown as the pool's containers, paid for on every run.
-        output = client.containers.run(
-            image,
-            ["python3", "-c", f"import sys; sys.stdin = __import__('io').StringIO({text!r})\n{PROGRAM}"],
-            remove=True,
-            user="65534:65534",
-            labels={"k2rl.sandbox": "bench"},
-            **lockdown_options(limits.cpus, limits.memory_mb, limits.max_processes),
-        )
-        return output.decode().strip() == expected[text]
+        # The same lockdown as the pool's containers, paid for on every run. Labelled as theirs, so
+        # that the sandbox's clean-up of a process that died removes these too.
+        try:
+            output = client.containers.run(
+                image,
+                ["python3", "-c", f"import sys; sys.stdin = __import__('io').StringIO({text!r})\n{PROGRAM}"],
+                remove=True,
+                user="65534:65534",
+                labels={LABEL: "1", LABEL_OWNER: owner_label()},
+                **lockdown_options(limits.cpus, limits.memory_mb, limits.max_processes),
+            )
+        except docker.errors.DockerException:  # a failed run, as a pool's would count
+            return False
+        return output is not None and output.decode().strip() == expected[text]
 
     cold = _timed(one_container, inputs, concurrency)
     return SandboxBench(programs, concurrency, warm, cold, warm.runs_per_second / cold.runs_per_second)

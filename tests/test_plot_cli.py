@@ -26,3 +26,14 @@ def test_plot_names_a_missing_run_or_metric(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert main(["plot", str(run), "--metric", "ptx_loss", "--out", str(tmp_path / "x.png")]) != 0
     assert "has no 'ptx_loss'" in capsys.readouterr().err
+
+
+def test_plot_takes_paths_with_equals_signs_and_refuses_one_label_twice(tmp_path, capsys):
+    rows = [{"step": 0, "eval_accuracy": 0.4}]
+    run = _run(tmp_path / "lr=1e-4", rows)
+    assert main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 0
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _run(tmp_path / "a" / "seed1", rows), _run(tmp_path / "b" / "seed1", rows)
+    assert main(["plot", str(first), str(second), "--out", str(tmp_path / "y.png")]) == 2
+    assert "two runs are labelled 'seed1'" in capsys.readouterr().err
