@@ -629,12 +629,20 @@ def _error_result(message: str, duration: float) -> RunResult:
     return RunResult(STATUS_SANDBOX_ERROR, None, "", message, duration)
 
 
-def _still_running(slot: _Slot) -> bool:
-    try:
-        slot.container.reload()
-    except Exception:  # noqa: BLE001 - any answer but "running" (none at all included) means gone
-        return False
-    return slot.container.status == "running"
+def _still_running(slot: _Slot, patience_s: float = 1.0) -> bool:
+    """Whether the container is up once its runner's stream has ended. A container being killed
+    ends the stream a moment before the engine reports it stopped, hence the patience."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            slot.container.reload()
+        except Exception:  # noqa: BLE001 - any answer but "running" (none at all included) means gone
+            return False
+        if slot.container.status != "running":
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.1)
 
 
 def _short(slot: _Slot) -> str:
