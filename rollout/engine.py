@@ -19,16 +19,20 @@ with it (tests/test_rollout.py checks that none is left behind).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from rl.weight_sync.transport import BucketReader, WeightSyncError, WeightUpdate
 
 WORKER_EXTENSION = "rl.weight_sync.engine_loader.WeightSyncLoader"
 # Tokens one engine step may prefill (the engines' scheduler budget).
 _PREFILL_TOKENS = 8192
+# How often a call to the engine core checks that the core is still alive.
+_CORE_WATCH_S = 0.5
 # How long the engine core may take to exit before it is killed. It holds nothing worth saving, and
 # at exit its interpreter spends seconds collecting garbage: vLLM's default wait (5 s) is then all spent.
 _CORE_EXIT_GRACE_S = 1.0
@@ -163,6 +167,15 @@ class EngineCoreDied(RuntimeError):
     """The engine's vLLM core process is gone (killed, out of memory): the engine must be restarted."""
 
 
+def engine_died(error: BaseException) -> bool:
+    """Whether a call to an engine actor failed because the engine is gone: its actor, or its vLLM core."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayActorError):
+        return True
+    return isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, EngineCoreDied)
+
+
 class RolloutEngine:
     """Run as an async Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
 
@@ -232,7 +245,7 @@ class RolloutEngine:
         the same requests then form the same batches, whatever the timing of their arrival.
         """
         self._require_weights()
-        try:
+        with self._core_death_named():
             # The engine core's pause itself: AsyncLLM.pause_generation then sleeps 20 ms so that outputs
             # already sent reach their callers first, an ordering nothing here needs, on every call.
             await self._llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
@@ -246,6 +259,25 @@ class RolloutEngine:
             while running:
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 yield [task.result() for task in done]
+
+    async def _unless_core_dies(self, call: Awaitable[Any]) -> Any:
+        """`call`'s result, or EngineCoreDied once the engine core is gone: vLLM never answers a call
+        to its core (an RPC) that was in flight when the core died."""
+        pending = asyncio.ensure_future(call)
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=_CORE_WATCH_S)
+            if done:
+                return pending.result()
+            if self._llm.errored:
+                pending.cancel()
+                raise EngineCoreDied("its vLLM engine core died during a call to it")
+
+    @contextlib.contextmanager
+    def _core_death_named(self) -> Iterator[None]:
+        """An error raised because the vLLM engine core died becomes EngineCoreDied, which the
+        engine pool and weight sync answer with a restart."""
+        try:
+            yield
         except Exception as error:
             if self._llm.errored:
                 raise EngineCoreDied(f"its vLLM engine core died ({type(error).__name__}: {error})") from None
@@ -282,19 +314,20 @@ class RolloutEngine:
         generation runs between two buckets); returns the new version."""
         if self._running:
             raise WeightSyncError(f"rollout engine {reader} has {len(self._running)} running requests at a weight update")
-        if self._reader is None or (self._reader.plan, self._reader.reader) != (update.plan, reader):
-            if self._reader is not None:
-                self._reader.close()
-            self._reader = BucketReader(update.plan, self._node_id, reader)
-            await self._llm.collective_rpc("k2rl_attach_plan", args=(update.plan.to_dict(), self._node_id))
-        self.weight_version = None
+        with self._core_death_named():
+            if self._reader is None or (self._reader.plan, self._reader.reader) != (update.plan, reader):
+                if self._reader is not None:
+                    self._reader.close()
+                self._reader = BucketReader(update.plan, self._node_id, reader)
+                await self._unless_core_dies(self._llm.collective_rpc("k2rl_attach_plan", args=(update.plan.to_dict(), self._node_id)))
+            self.weight_version = None
 
-        async def load(index: int) -> None:
-            await self._llm.collective_rpc("k2rl_load_bucket", args=(index,))
+            async def load(index: int) -> None:
+                await self._unless_core_dies(self._llm.collective_rpc("k2rl_load_bucket", args=(index,)))
 
-        await self._reader.read(update, load)
-        await self._llm.collective_rpc("k2rl_pack_weights")
-        await self._llm.reset_prefix_cache()
+            await self._reader.read(update, load)
+            await self._unless_core_dies(self._llm.collective_rpc("k2rl_pack_weights"))
+            await self._unless_core_dies(self._llm.reset_prefix_cache())
         self.weight_version = update.version
         return update.version
 

@@ -216,6 +216,23 @@ def test_an_engine_killed_mid_rollout_loses_no_episode_and_leaves_no_engine_core
     assert not [pid for pid in engine_core if psutil.pid_exists(pid)]
 
 
+def test_an_engine_whose_core_died_between_steps_is_restarted_by_the_next_weight_update(workers, tiny_policy, monkeypatch):
+    config, started = workers
+    # Other tests restart the session's engines too: this one starts from a full restart budget.
+    monkeypatch.setattr(started.engines, "restarts", [0] * len(started.engines))
+    restarts = started.engines.restarts[0]
+    for pid in ray.get(started.engines.engines[0].engine_core_pids.remote()):
+        os.kill(pid, signal.SIGKILL)
+    started.weight_sync.push(0)
+    assert started.engines.restarts[0] == restarts + 1
+    manager = _manager(config, started, tiny_policy)
+    try:
+        rollout = manager.collect([GAME] * 2, step=3, temperature=1.0, policy_version=0)
+    finally:
+        manager.close()
+    assert all(t.ended for t in rollout.trajectories)
+
+
 def test_a_group_keeps_one_engine_unless_the_round_has_fewer_groups_than_engines():
     from rollout.manager import RolloutContext
 

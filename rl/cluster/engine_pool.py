@@ -23,7 +23,7 @@ import ray
 from rl.cluster.placement import Placement
 from rl.cluster.ray_session import error_summary
 from rl.config import RunConfig
-from rollout.engine import EngineCoreDied, EngineSpec, GenerationRequest, GenerationResult, RolloutEngine
+from rollout.engine import EngineSpec, GenerationRequest, GenerationResult, RolloutEngine, engine_died
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,8 @@ class EnginePool:
                 asyncio.get_running_loop().call_soon(self._send, engine)
             try:
                 return await future
-            except ray.exceptions.RayActorError as error:
-                await self._revive(engine, handle, error)
-            except ray.exceptions.RayTaskError as error:
-                if not isinstance(error.cause, EngineCoreDied):
+            except ray.exceptions.RayError as error:
+                if not engine_died(error):
                     raise
                 await self._revive(engine, handle, error)
 

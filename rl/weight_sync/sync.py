@@ -16,6 +16,7 @@ import ray
 
 from rl.config import ConfigError, WeightSyncConfig
 from rl.weight_sync.transport import WeightUpdate, plan_buckets
+from rollout.engine import engine_died
 
 if TYPE_CHECKING:
     from rl.cluster.engine_pool import EnginePool
@@ -72,7 +73,9 @@ class WeightSync:
             (future,), pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(future)
-            except ray.exceptions.RayActorError as error:
+            except ray.exceptions.RayError as error:
+                if not engine_died(error):
+                    raise
                 index = loads[future]
                 died[index] = error
                 ray.get(self.trainers.ranks[self._writer_of(index)].mark_reader_failed.remote(index, update.update_id))
