@@ -199,6 +199,9 @@ class Baseline:
             self.generator = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.compute_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            # Many base models ship none; a batched `generate` pads, and what fills the pad is masked out.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.optimizer = MuonWithAdamW(self.model, config.trainer)
         self.loss = get_loss("k2")(LossSettings(tau=config.trainer.tau))
         self.sampler = PromptSampler(None, config.seed, arithmetic_eval_tasks(1))
@@ -339,6 +342,9 @@ def run_step_bench(sizes: list[BenchSize], steps: int, warmup: int, length: int,
             config = resolve_dtype(config)
             k2rl = run_k2rl(config, size.model_path, warmup)
         baseline = run_baseline(config, size.model_path, warmup, steps)
-        results.append(SizeResult(size.name, parameters, config.model.dtype, size.prompts * size.samples, length, k2rl, baseline))
+        # The work as the config has it: overrides may change the prompts, samples or length.
+        completions = config.data.prompts_per_step * config.rollout.n_samples
+        results.append(SizeResult(size.name, parameters, config.model.dtype, completions,
+                                  config.rollout.token_budgets["arithmetic"], k2rl, baseline))
     return StepBench(results)
 

@@ -28,9 +28,11 @@ def _bench(capsys, *args: str) -> dict:
 
 def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ray_cluster, capsys):
     report = _bench(capsys, "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=1", "--warmup=0",
-                    "trainer.micro_batch_size=2")
+                    "trainer.micro_batch_size=2", "rollout.n_samples=3")
     [size] = report["sizes"]
-    assert size["completions_per_step"] == 4 and set(size["ratios"]) == {"end_to_end", "rollout", "train"}
+    # The work as the run's config has it, an override included.
+    assert size["completions_per_step"] == 6 and size["response_tokens"] == 4
+    assert set(size["ratios"]) == {"end_to_end", "rollout", "train"}
     assert set(size["k2rl"]["breakdown"]) == {"rollout", "reward", "train", "weight sync", "rest"}
     assert size["baseline"]["step_s"] > 0 and size["k2rl"]["tokens_per_s"] > 0
 
