@@ -71,13 +71,13 @@ class RewardScorer:
         episode gets the budget penalty instead (K2 budget control)."""
         task = trajectory.task
         if task.reward:
-            if self._pool is None and is_blocking_reward(get_reward(task.reward)):
-                result = await asyncio.to_thread(_score_one, task, trajectory.response_text)
-            elif self._pool is None:
-                result = _score_one(task, trajectory.response_text)
-            else:
+            if self._pool is not None:
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(self._pool, _score_one, task, trajectory.response_text)
+            elif is_blocking_reward(get_reward(task.reward)):
+                result = await asyncio.to_thread(_score_one, task, trajectory.response_text)
+            else:
+                result = _score_one(task, trajectory.response_text)
         else:
             result = RewardResult(trajectory.env_reward, "environment")
         components = {**result.components, "env_reward": trajectory.env_reward}

@@ -69,19 +69,24 @@ def always_raises(task: Task, response: str) -> RewardResult:
     raise ValueError("this reward is broken")
 
 
-@pytest.mark.integration
-def test_a_reward_that_always_raises_stops_the_run_with_one_line(tiny_policy, tiny_workers, tmp_path):
-    tasks = _tasks(tmp_path / "tasks.jsonl", "always-raises")
+def _stopped_run(tiny_policy, tiny_workers, tmp_path: Path, tasks: Path, limit: type[Exception]) -> tuple[str, str]:
+    """A run of 3 steps of 4 tasks x 4 samples that `limit` stops; its one-line message and its train.log."""
     config = load_config(None, [
         f"model.path={tiny_policy}", *TINY_WORKERS, f"data.train_path={tasks}", f"data.eval_path={tasks}", "steps=3",
         "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=2",
     ])
-    with pytest.raises(RewardErrorLimit) as stopped:
+    with pytest.raises(limit) as stopped:
         Controller(config, tmp_path / "run").run(str(tiny_policy), workers=tiny_workers)
-    message = str(stopped.value)
+    return str(stopped.value), (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.integration
+def test_a_reward_that_always_raises_stops_the_run_with_one_line(tiny_policy, tiny_workers, tmp_path):
+    tasks = _tasks(tmp_path / "tasks.jsonl", "always-raises")
+    message, train_log = _stopped_run(tiny_policy, tiny_workers, tmp_path, tasks, RewardErrorLimit)
     assert "\n" not in message and "rewards raised on 16 of 16 responses" in message, message
     assert "reward.max_error_frac=0.05" in message and "train.log" in message
-    assert "ValueError: this reward is broken" in (tmp_path / "run" / "train.log").read_text()
+    assert "ValueError: this reward is broken" in train_log
 
 
 class BrokenEnvironment(Environment):
@@ -99,13 +104,7 @@ register_environment("test-broken", BrokenEnvironment)
 def test_an_environment_that_always_fails_stops_the_run_with_one_line(tiny_policy, tiny_workers, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"id": f"level-{i}", "env": "test-broken", "task_type": "game"}) + "\n" for i in range(4)))
-    config = load_config(None, [
-        f"model.path={tiny_policy}", *TINY_WORKERS, f"data.train_path={tasks}", f"data.eval_path={tasks}", "steps=3",
-        "data.prompts_per_step=4", "rollout.n_samples=4", "data.eval_size=2",
-    ])
-    with pytest.raises(EnvironmentErrorLimit) as stopped:
-        Controller(config, tmp_path / "run").run(str(tiny_policy), workers=tiny_workers)
-    message = str(stopped.value)
+    message, train_log = _stopped_run(tiny_policy, tiny_workers, tmp_path, tasks, EnvironmentErrorLimit)
     assert "\n" not in message and "environments failed in 16 of 16 episodes" in message, message
     assert "rollout.max_environment_error_frac=0.05" in message and "KeyError: 'the level file'" in message
-    assert "environment 'test-broken' reset raised KeyError" in (tmp_path / "run" / "train.log").read_text()
+    assert "environment 'test-broken' reset raised KeyError" in train_log
