@@ -107,3 +107,22 @@ def test_a_mesh_that_cannot_split_the_model_fails_before_any_process_starts(tiny
     config = load_config(None, overrides)
     with pytest.raises(ConfigError, match="tensor_parallel_size=3 does not divide the model's num_attention_heads=2"):
         Workers.start(config, str(tiny_policy))
+
+
+def test_engines_placed_away_from_every_trainer_rank_fail_before_any_actor_starts(tiny_policy, ray_cluster, monkeypatch):
+    # Only disaggregated GPU placement can put an engine on a node without a trainer rank (on CPU an
+    # engine shares a rank's bundle), so the placement's answer is replaced here.
+    from rl.cluster import workers as workers_module
+    from rl.cluster.placement import Placement
+
+    monkeypatch.setattr(Placement, "nodes", lambda self: (["node-a", "node-a"], ["node-b"]))
+    monkeypatch.setattr(workers_module, "EnginePool", lambda *args: pytest.fail("an engine started"))
+    config = load_config(None, [f"model.path={tiny_policy}", "rollout.num_engines=1"])
+    before = _placement_groups_held(ray_cluster)
+    with pytest.raises(ConfigError, match="rollout engine 0 is placed on node node-b, where no trainer rank runs"):
+        Workers.start(config, str(tiny_policy))
+    assert _placement_groups_held(ray_cluster) == before
+
+
+def _placement_groups_held(ray) -> int:
+    return sum(group["state"] == "CREATED" for group in ray.util.placement_group_table().values())

@@ -199,7 +199,7 @@ def test_each_node_with_engines_gets_its_first_trainer_rank_as_writer():
 
     assert writer_ranks(["a", "a"], ["a", "a"]) == {0: (0, 1)}
     assert writer_ranks(["a", "a", "b", "b"], ["b", "a", "b"]) == {2: (0, 2), 0: (1,)}
-    with pytest.raises(ConfigError, match="rollout engine 1 runs on node c, where no trainer rank runs"):
+    with pytest.raises(ConfigError, match="rollout engine 1 is placed on node c, where no trainer rank runs"):
         writer_ranks(["a", "b"], ["a", "c"])
 
 

@@ -130,13 +130,20 @@ class Placement:
         return {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": self._bundle(rank)}
 
     def engine_options(self, index: int) -> dict:
+        gpus = (0.5 if self.colocated else self.engine_tp) if self.gpus else 0
+        return {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": self._bundle(self._engine_bundle(index))}
+
+    def _engine_bundle(self, index: int) -> int:
+        """On CPU an engine shares a trainer rank's bundle (they take turns on its cores); colocated
+        on GPU, its rank's device; disaggregated on GPU, a bundle of its own after the ranks'."""
         if not self.gpus:
-            bundle, gpus = index % self.world, 0
-        elif self.colocated:
-            bundle, gpus = index, 0.5
-        else:
-            bundle, gpus = self.world + index, self.engine_tp
-        return {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": self._bundle(bundle)}
+            return index % self.world
+        return index if self.colocated else self.world + index
+
+    def nodes(self) -> tuple[list[str], list[str]]:
+        """The node id of each trainer rank and of each engine, as placed: known before any actor starts."""
+        bundle_nodes = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
+        return [bundle_nodes[rank] for rank in range(self.world)], [bundle_nodes[self._engine_bundle(i)] for i in range(self.num_engines)]
 
     def engine_cpu_threads(self, index: int) -> int:
         """On CPU, the torch threads of engine `index`: `rollout.cpu_threads`, or else its node's cores
@@ -145,8 +152,7 @@ class Placement:
             return 0
         if self.engine_threads:
             return self.engine_threads
-        bundle_nodes = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
-        engine_nodes = [bundle_nodes[engine % self.world] for engine in range(self.num_engines)]
+        _, engine_nodes = self.nodes()
         node_cores = {node["NodeID"]: int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]}
         return shared_cores(engine_nodes, node_cores, index)
 

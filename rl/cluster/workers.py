@@ -12,7 +12,7 @@ from rl.cluster.placement import Placement, resolve_dtype, resolve_engines
 from rl.cluster.trainer_group import TrainerGroup
 from rl.config import RunConfig
 from rl.trainer.parallel import check_layout
-from rl.weight_sync.sync import WeightSync
+from rl.weight_sync.sync import WeightSync, writer_ranks
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ class Workers:
         try:
             placement = Placement(config)
             started.append(placement)
+            # Weight sync serves each engine from a trainer rank on the engine's node: a placement
+            # without one fails here, before any actor starts.
+            writer_ranks(*placement.nodes())
             # The engines start while the trainer ranks read the model and form their group.
             engines = EnginePool(config, model_path, placement)
             started.append(engines)

@@ -32,8 +32,9 @@ def writer_ranks(trainer_nodes: list[str], engine_nodes: list[str]) -> dict[int,
     for index, node in enumerate(engine_nodes):
         if node not in first_rank:
             raise ConfigError(
-                f"rollout engine {index} runs on node {node[:12]}, where no trainer rank runs: weight sync "
-                "serves engines from a trainer rank on their own node"
+                f"rollout engine {index} is placed on node {node[:12]}, where no trainer rank runs: weight sync "
+                "serves engines from a trainer rank on their own node (rollout.placement=colocated puts an "
+                "engine beside every rank)"
             )
         writers[first_rank[node]] = writers.get(first_rank[node], ()) + (index,)
     return writers
