@@ -137,15 +137,13 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
     import ray
 
     from rewards import RewardScorer
-    from rl.data import PromptSampler, arithmetic_eval_tasks
     from rollout.engine import GenerationRequest
     from rollout.episode import request_seed
     from rollout.manager import RolloutManager
     from rollout.rendering import Renderer
 
     renderer = Renderer.from_pretrained(model_path)
-    tasks = PromptSampler(None, 0, arithmetic_eval_tasks(1)).sample(requests)
-    prompts = [renderer.prompt(t.messages) for t in tasks]
+    tasks, prompts = overhead_prompts(renderer, requests)
     config = load_config(None, [f"model.path={model_path}", "rollout.n_samples=1", f"rollout.token_budgets.arithmetic={length}",
                                 "rollout.ignore_eos=true"])
     workers.weight_sync.push(0)
@@ -194,6 +192,27 @@ def measure_overhead(workers, model_path: str, requests: int, length: int, repea
     )
 
 
+def overhead_prompts(renderer, requests: int) -> tuple[list, list[list[int]]]:
+    """The overhead comparison's arithmetic tasks and their prompts' token ids."""
+    from rl.data import PromptSampler, arithmetic_eval_tasks
+
+    tasks = PromptSampler(None, 0, arithmetic_eval_tasks(1)).sample(requests)
+    return tasks, [renderer.prompt(t.messages) for t in tasks]
+
+
+def check_length_fits(model_path: str, requests: int, length: int, max_model_len: int) -> None:
+    """Refuse a response length that the engines' context cannot hold after the longest prompt,
+    before any worker starts."""
+    from rollout.rendering import Renderer
+
+    longest = max(map(len, overhead_prompts(Renderer.from_pretrained(model_path), requests)[1]))
+    if longest + length > max_model_len:
+        raise ConfigError(
+            f"--length {length} does not fit: the engines hold {max_model_len} tokens (rollout.max_model_len) and "
+            f"the longest prompt takes {longest}, which leaves {max_model_len - longest}"
+        )
+
+
 def partial_tasks(path: Path, count: int, long_share: float) -> Path:
     """A task file: arithmetic prompts, a `long_share` of them of task type "long"."""
     from rl.data import PromptSampler, arithmetic_eval_tasks
@@ -214,7 +233,7 @@ def partial_config(model_path: str, tasks: Path, short: int, long: int, steps: i
         f"model.path={model_path}", "rollout.num_engines=1", f"data.train_path={tasks}", f"data.eval_path={tasks}", "data.eval_size=1",
         f"data.eval_every={steps}", f"steps={steps}", "data.prompts_per_step=8", "rollout.n_samples=4",
         f"rollout.token_budgets.short={short}", f"rollout.token_budgets.long={long}", "rollout.ignore_eos=true",
-        f"rollout.max_model_len={long + 96}", f"rollout.partial.max_episode_tokens_per_step={episode_budget}",
+        f"rollout.partial.max_episode_tokens_per_step={episode_budget}",
         "rollout.partial.max_staleness=8", "checkpoint.every=0", f"trainer.micro_batch_size={micro_batch_size}",
         # Equal work on both sides: every sample is trained on, whatever its advantage.
         "trainer.skip_zero_advantage=false", *overrides,
@@ -265,27 +284,36 @@ def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int,
     """Both measurements on one set of workers: started here (on a Ray cluster of its own), or
     `workers` already running for `model_path` (then with their trainer's micro-batch size).
     `overrides` (KEY=VALUE) change the workers' and the partial-rollout runs' config."""
+    from transformers import AutoConfig
+
     from rl.cluster.ray_session import ray_session
     from rl.cluster.workers import Workers
 
     # The overhead compares the rollout layer over one engine with one offline `LLM`, each computing
     # as one engine of the default run does on this machine: with its share of the cores.
-    overrides = (f"rollout.cpu_threads={default_engine_threads(model_path)}", "rollout.num_engines=1", *overrides)
+    short, long, long_share = 16, 160, 0.125
+    # The engines' context holds the longest response of either measurement after its prompt, as far
+    # as the model's positions go (`check_length_fits` refuses a longer one).
+    context = min(max(long, length) + 96, AutoConfig.from_pretrained(model_path).max_position_embeddings)
+    overrides = (f"rollout.cpu_threads={default_engine_threads(model_path)}", "rollout.num_engines=1",
+                 f"rollout.max_model_len={context}", *overrides)
     engines = load_config(None, overrides).rollout.num_engines
     if engines != 1:
         raise ConfigError(f"k2rl bench rollout compares one engine with one offline LLM: rollout.num_engines must stay 1, got {engines}")
-    short, long, long_share = 16, 160, 0.125
-    with ray_session(), tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="k2rl-bench-") as scratch:
         # As many tasks as prompts per step: every step plays the same mix, one long group in eight.
         tasks = partial_tasks(Path(scratch) / "tasks.jsonl", 8, long_share)
         # Each run of a partial-rollout side starts the workers' trainer from the model again.
         own_workers = workers is None
-        if own_workers:
-            workers = Workers.start(partial_config(model_path, tasks, short, long, 1, 0, overrides=overrides), model_path)
-        try:
-            overhead = measure_overhead(workers, model_path, requests, length, repeats)
-            partial = measure_partial(workers, model_path, tasks, short, long, long_share, steps, warmup, overrides)
-        finally:
+        config = partial_config(model_path, tasks, short, long, 1, 0, overrides=overrides) if own_workers else workers.config
+        check_length_fits(model_path, requests, length, config.rollout.max_model_len)
+        with ray_session():
             if own_workers:
-                workers.shutdown()
+                workers = Workers.start(config, model_path)
+            try:
+                overhead = measure_overhead(workers, model_path, requests, length, repeats)
+                partial = measure_partial(workers, model_path, tasks, short, long, long_share, steps, warmup, overrides)
+            finally:
+                if own_workers:
+                    workers.shutdown()
     return RolloutBench(overhead, partial)

@@ -83,6 +83,10 @@ def test_a_bad_bench_override_is_one_line(tiny_policy, capsys):
     assert "rollout.no_such_key" in capsys.readouterr().err
     assert main(["bench", "rollout", f"--model={tiny_policy}", "rollout.num_engines=2"]) == 2
     assert "rollout.num_engines must stay 1" in capsys.readouterr().err
+    # The engines' context grows with --length up to the model's positions (256); a longer one is
+    # refused before any worker starts.
+    assert main(["bench", "rollout", f"--model={tiny_policy}", "--length=250"]) == 2
+    assert "--length 250 does not fit: the engines hold 256 tokens (rollout.max_model_len)" in capsys.readouterr().err
 
 
 def test_a_bench_size_that_does_not_fit_is_one_line():
