@@ -59,9 +59,11 @@ ENTRY_POINT_GROUP = "k2rl.rewards"
 
 _REWARDS: dict[str, RewardFn] = {}
 
-# Discovered entry points, by name. Filled on the first lookup miss, because
-# scanning installed distributions costs a directory walk over sys.path.
+# Discovered entry points, by name. Filled on the first lookup (a directory walk over sys.path),
+# which also tells whether an entry point takes the name of a reward registered here.
 _entry_points: dict[str, EntryPoint] | None = None
+# The names in _REWARDS that were loaded from their entry point.
+_loaded_entry_points: set[str] = set()
 
 
 class UnknownRewardError(ValueError):
@@ -91,9 +93,15 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def get_reward(name: str) -> RewardFn:
     """Return the reward called `name`, loading it from its entry point if needed."""
-    if name in _REWARDS:
-        return _REWARDS[name]
     entry_point = _discovered_entry_points().get(name)
+    if name in _REWARDS:
+        if entry_point is not None and name not in _loaded_entry_points:
+            existing = _REWARDS[name]
+            raise ValueError(
+                f"reward {name!r} is registered to {existing.__module__}.{existing.__qualname__} and also declared by "
+                f"the installed entry point {entry_point.value}: rename the entry point's reward"
+            )
+        return _REWARDS[name]
     if entry_point is None:
         raise UnknownRewardError(
             f"unknown reward {name!r} (registered: {', '.join(reward_names())})"
@@ -102,6 +110,7 @@ def get_reward(name: str) -> RewardFn:
     if len(declared) > 1:
         raise ValueError(f"reward {name!r} is declared by more than one installed entry point: {', '.join(sorted(declared))}")
     _REWARDS[name] = _load(entry_point)
+    _loaded_entry_points.add(name)
     return _REWARDS[name]
 
 

@@ -281,7 +281,12 @@ try:
     broken = ""
 except EnvironmentConfigError as error:
     broken = str(error)
-print(json.dumps({"ids": env_ids(), "echo": type(echo).__module__, "prompt": prompt, "broken": broken}))
+try:
+    host.make(Task("t", (), "test", reward="", env="guess-number"))
+    shadowed = ""
+except EnvironmentConfigError as error:
+    shadowed = str(error)
+print(json.dumps({"ids": env_ids(), "echo": type(echo).__module__, "prompt": prompt, "broken": broken, "shadowed": shadowed}))
 """
     path = os.pathsep.join(filter(None, [str(FIXTURE_DISTRIBUTION), os.environ.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
@@ -292,6 +297,10 @@ print(json.dumps({"ids": env_ids(), "echo": type(echo).__module__, "prompt": pro
     assert result["echo"] == "k2rl_fixture_envs"
     assert result["prompt"] == [{"role": "user", "content": "say something (seed 7)"}]
     assert "'fixture-broken'" in result["broken"] and "NoSuchEnvironment" in result["broken"]
+    # An entry point that takes a built-in's id is refused, not silently ignored.
+    assert result["shadowed"] == ("environment 'guess-number' is registered to 'rollout.environments.guess_number:GuessNumber' "
+                                  "and also declared by the installed entry point 'k2rl_fixture_envs:Echo': rename the entry "
+                                  "point's environment")
 
 
 # -- the host with environment workers (Ray) ----------------------------------------------------

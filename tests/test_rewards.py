@@ -56,6 +56,7 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Give the test its own registry and entry-point cache, restored afterwards."""
     monkeypatch.setattr(registry, "_REWARDS", dict(registry._REWARDS))
     monkeypatch.setattr(registry, "_entry_points", None)
+    monkeypatch.setattr(registry, "_loaded_entry_points", set())
 
 
 @pytest.fixture
@@ -261,3 +262,15 @@ def test_a_reward_name_two_distributions_declare_is_refused(plugin: None, tmp_pa
     with pytest.raises(ValueError, match="reward 'plugin_reward' is declared by more than one installed entry point: "
                                          f"k2rl_other_module:reward, {PLUGIN_MODULE}:reward"):
         get_reward("plugin_reward")
+
+
+def test_an_entry_point_named_like_a_registered_reward_is_refused(plugin: None, tmp_path: Path) -> None:
+    shadow = tmp_path / "k2rl_shadow_plugin-0.1.dist-info"
+    shadow.mkdir()
+    (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: k2rl_shadow_plugin\nVersion: 0.1\n")
+    (shadow / "entry_points.txt").write_text("[k2rl.rewards]\nmath = k2rl_shadow_module:reward\n")
+    with pytest.raises(ValueError, match="reward 'math' is registered to rewards.math_answer.math_reward and also declared by "
+                                         "the installed entry point k2rl_shadow_module:reward"):
+        get_reward("math")
+    # The entry point's own reward still loads, and loads again.
+    assert get_reward("plugin_reward") is get_reward("plugin_reward")

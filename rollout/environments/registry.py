@@ -37,6 +37,9 @@ class _Spec:
 
 _REGISTRY: dict[str, _Spec] = {}
 _scanned = False
+# Environment ids that an installed entry point declares a second time (a built-in's, or another
+# entry point's): id -> the entry point. Making one is refused rather than picking either.
+_CONFLICTS: dict[str, str] = {}
 
 
 def register(env_id: str, entry_point: str | Callable[..., Environment], **default_kwargs: Any) -> None:
@@ -103,8 +106,12 @@ def env_ids() -> list[str]:
 
 
 def _spec(env_id: str) -> _Spec:
-    if env_id not in _REGISTRY:
-        _scan_entry_points()
+    _scan_entry_points()
+    if env_id in _CONFLICTS:
+        raise EnvironmentConfigError(
+            f"environment {env_id!r} is registered to {_REGISTRY[env_id].entry_point!r} and also declared by the "
+            f"installed entry point {_CONFLICTS[env_id]!r}: rename the entry point's environment"
+        )
     if env_id not in _REGISTRY:
         raise EnvironmentConfigError(f"unknown environment {env_id!r} (registered: {', '.join(env_ids()) or 'none'})")
     return _REGISTRY[env_id]
@@ -116,7 +123,10 @@ def _scan_entry_points() -> None:
         return
     _scanned = True
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        _REGISTRY.setdefault(entry.name, _Spec(entry.value))
+        if entry.name in _REGISTRY:
+            _CONFLICTS[entry.name] = entry.value
+        else:
+            _REGISTRY[entry.name] = _Spec(entry.value)
 
 
 def _resolve(env_id: str, entry_point: str | Callable[..., Environment]) -> Callable[..., Environment]:
