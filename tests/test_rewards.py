@@ -62,15 +62,18 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_registry: None) -> None:
     """Install a fake distribution declaring `k2rl.rewards` entry points."""
-    dist_info = tmp_path / "k2rl_test_plugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: k2rl_test_plugin\nVersion: 0.1\n"
-    )
-    (dist_info / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
+    _distribution(tmp_path, "k2rl_test_plugin", PLUGIN_ENTRY_POINTS)
     (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
+
+
+def _distribution(site: Path, name: str, entry_points: str) -> None:
+    """The metadata of an installed distribution `name` declaring `entry_points` (entry_points.txt)."""
+    dist_info = site / f"{name}-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(entry_points)
 
 
 # Budget
@@ -255,20 +258,14 @@ def test_a_reward_that_returns_no_result_or_no_finite_score_fails(isolated_regis
 
 
 def test_a_reward_name_two_distributions_declare_is_refused(plugin: None, tmp_path: Path) -> None:
-    second = tmp_path / "k2rl_other_plugin-0.1.dist-info"
-    second.mkdir()
-    (second / "METADATA").write_text("Metadata-Version: 2.1\nName: k2rl_other_plugin\nVersion: 0.1\n")
-    (second / "entry_points.txt").write_text("[k2rl.rewards]\nplugin_reward = k2rl_other_module:reward\n")
+    _distribution(tmp_path, "k2rl_other_plugin", "[k2rl.rewards]\nplugin_reward = k2rl_other_module:reward\n")
     with pytest.raises(ValueError, match="reward 'plugin_reward' is declared by more than one installed entry point: "
                                          f"k2rl_other_module:reward, {PLUGIN_MODULE}:reward"):
         get_reward("plugin_reward")
 
 
 def test_an_entry_point_named_like_a_registered_reward_is_refused(plugin: None, tmp_path: Path) -> None:
-    shadow = tmp_path / "k2rl_shadow_plugin-0.1.dist-info"
-    shadow.mkdir()
-    (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: k2rl_shadow_plugin\nVersion: 0.1\n")
-    (shadow / "entry_points.txt").write_text("[k2rl.rewards]\nmath = k2rl_shadow_module:reward\n")
+    _distribution(tmp_path, "k2rl_shadow_plugin", "[k2rl.rewards]\nmath = k2rl_shadow_module:reward\n")
     with pytest.raises(ValueError, match="reward 'math' is registered to rewards.math_answer.math_reward and also declared by "
                                          "the installed entry point k2rl_shadow_module:reward"):
         get_reward("math")
