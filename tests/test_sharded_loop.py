@@ -109,20 +109,48 @@ def test_a_mesh_that_cannot_split_the_model_fails_before_any_process_starts(tiny
         Workers.start(config, str(tiny_policy))
 
 
-def test_engines_placed_away_from_every_trainer_rank_fail_before_any_actor_starts(tiny_policy, ray_cluster, monkeypatch):
-    # Only disaggregated GPU placement can put an engine on a node without a trainer rank (on CPU an
-    # engine shares a rank's bundle), so the placement's answer is replaced here.
-    from rl.cluster import workers as workers_module
+def test_an_engine_on_a_node_without_a_trainer_rank_gets_its_weights_through_a_relay(tiny_policy, ray_cluster, monkeypatch):
+    # Disaggregated GPU placement can pack the engines onto nodes of their own. On CPU an engine
+    # always shares a trainer rank's bundle, so here the placement sends the one engine to the
+    # session's other node, where the one trainer rank is not.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from rl.cluster.placement import Placement
 
-    monkeypatch.setattr(Placement, "nodes", lambda self: (["node-a", "node-a"], ["node-b"]))
-    monkeypatch.setattr(workers_module, "EnginePool", lambda *args: pytest.fail("an engine started"))
-    config = load_config(None, [f"model.path={tiny_policy}", "rollout.num_engines=1"])
-    before = _placement_groups_held(ray_cluster)
-    with pytest.raises(ConfigError, match="rollout engine 0 is placed on node node-b, where no trainer rank runs"):
-        Workers.start(config, str(tiny_policy))
-    assert _placement_groups_held(ray_cluster) == before
+    placed = Placement.nodes
 
+    def engines_on_the_other_node(self):
+        trainer_nodes, _ = placed(self)
+        other = next(node["NodeID"] for node in ray_cluster.nodes() if node["Alive"] and node["NodeID"] not in trainer_nodes)
+        return trainer_nodes, [other] * self.num_engines
 
-def _placement_groups_held(ray) -> int:
-    return sum(group["state"] == "CREATED" for group in ray.util.placement_group_table().values())
+    monkeypatch.setattr(Placement, "nodes", engines_on_the_other_node)
+    monkeypatch.setattr(Placement, "engine_options", lambda self, index: {
+        "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(self.nodes()[1][index], soft=False)})
+    config = load_config(None, [
+        f"model.path={tiny_policy}", "trainer.data_parallel_size=1", "rollout.num_engines=1", "rollout.cpu_threads=1",
+        "rollout.enforce_eager=true", "model.dtype=float32", "weight_sync.timeout_s=60",
+        "weight_sync.bucket_mb=0.05",  # 52 KB: many buckets, through both slots of the relay's block
+    ])
+    sequence = Renderer.from_pretrained(str(tiny_policy)).prompt(_task(3).messages) + [20, 21, 22, 23]
+
+    def engine_gap(workers):
+        trainer = torch.tensor(workers.trainers.logprobs(sequence))
+        return (torch.tensor(workers.engines.sequence_logprobs(0, sequence)) - trainer).abs().max().item()
+
+    workers = Workers.start(config, str(tiny_policy))
+    try:
+        [engine_node] = workers.engines.node_ids()
+        assert engine_node not in workers.trainers.node_ids() and list(workers.weight_sync.relays) == [engine_node]
+        block = Path("/dev/shm") / workers.weight_sync.plan.block_on(engine_node)
+        # The engine started with random weights: after the update it computes what the trainer does.
+        assert workers.weight_sync.push(1) == 1 and engine_gap(workers) < 1e-3
+        # The engine dies as an update begins: its relay stops waiting for it, and the restarted
+        # engine gets the same version through the relay.
+        ray_cluster.kill(workers.engines.engines[0])
+        assert workers.weight_sync.push(2) == 2
+        assert workers.engines.restarts == [1] and engine_gap(workers) < 1e-3
+        assert block.exists()
+    finally:
+        workers.shutdown()
+    assert not block.exists()

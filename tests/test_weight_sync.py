@@ -193,14 +193,12 @@ def test_a_nodes_writer_waits_only_for_the_engines_of_its_node():
         assert not errors and all(torch.equal(seen[0][n], state[n]) for n in state)
 
 
-def test_each_node_with_engines_gets_its_first_trainer_rank_as_writer():
-    from rl.config import ConfigError
-    from rl.weight_sync.sync import writer_ranks
+def test_each_node_with_engines_gets_its_first_trainer_rank_or_a_relay_as_writer():
+    from rl.weight_sync.sync import writer_layout
 
-    assert writer_ranks(["a", "a"], ["a", "a"]) == {0: (0, 1)}
-    assert writer_ranks(["a", "a", "b", "b"], ["b", "a", "b"]) == {2: (0, 2), 0: (1,)}
-    with pytest.raises(ConfigError, match="rollout engine 1 is placed on node c, where no trainer rank runs"):
-        writer_ranks(["a", "b"], ["a", "c"])
+    assert writer_layout(["a", "a"], ["a", "a"]) == ({0: (0, 1)}, {})
+    assert writer_layout(["a", "a", "b", "b"], ["b", "a", "b"]) == ({2: (0, 2), 0: (1,)}, {})
+    assert writer_layout(["a", "b"], ["a", "c", "d", "c"]) == ({0: (0,)}, {"c": (1, 3), "d": (2,)})
 
 
 def test_each_node_has_a_block_of_its_own():

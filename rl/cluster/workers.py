@@ -12,7 +12,7 @@ from rl.cluster.placement import Placement, resolve_dtype, resolve_engines
 from rl.cluster.trainer_group import TrainerGroup
 from rl.config import RunConfig
 from rl.trainer.parallel import check_layout
-from rl.weight_sync.sync import WeightSync, writer_ranks
+from rl.weight_sync.sync import WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,6 @@ class Workers:
         try:
             placement = Placement(config)
             started.append(placement)
-            # Weight sync serves each engine from a trainer rank on the engine's node: a placement
-            # without one fails here, before any actor starts.
-            writer_ranks(*placement.nodes())
             # The engines start while the trainer ranks read the model and form their group.
             engines = EnginePool(config, model_path, placement)
             started.append(engines)
@@ -76,7 +73,7 @@ class Workers:
         """Stop every piece, whatever stopping the one before raised (a second Ctrl-C included);
         then raise the first such error."""
         first: BaseException | None = None
-        for piece in (self.trainers, self.engines, self.placement):
+        for piece in (self.trainers, self.engines, self.weight_sync, self.placement):
             try:
                 _stop(piece)
             except BaseException as error:  # noqa: BLE001 - re-raised once every piece is stopped

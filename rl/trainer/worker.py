@@ -48,6 +48,7 @@ from rl.trainer.parallel import build_mesh, check_layout, shard_model, whole
 from rl.trainer.qk_clip import QKClip
 from rl.trainer.shared_prompts import SharedPromptRows, can_share_prompts, pack, prompt_groups
 from rl.trainer.state import load_train_state, save_train_state
+from rl.weight_sync.relay import send_to_relays
 from rl.weight_sync.transport import BucketPlan, BucketWriter, WeightUpdate
 
 _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
@@ -197,14 +198,19 @@ class TrainerWorker:
         a `broadcast_weights` in progress, which is what it unblocks."""
         self.weight_writer.mark_reader_failed(reader, update_id)
 
-    def broadcast_weights(self, update: WeightUpdate) -> None:
-        """A collective: every rank gathers each bucket, each node's writer writes it for its engines."""
-        tensors = self.iter_full_tensors(update.plan.names)
+    def broadcast_weights(self, update: WeightUpdate, relays: list = ()) -> None:
+        """A collective: every rank gathers each bucket, each node's writer writes it for its engines,
+        and the rank given `relays` (the first) sends it on to the nodes without a trainer rank."""
+        gathered = self.iter_full_tensors(update.plan.names)
         try:
+            tensors = send_to_relays(relays, update, gathered) if relays else gathered
             if self.weight_writer is not None:
                 self.weight_writer.write(update, tensors)
+            else:
+                for _ in tensors:
+                    pass
         finally:
-            for _ in tensors:  # every rank takes part in every gather, also after a failure here
+            for _ in gathered:  # every rank takes part in every gather, also after a failure here
                 pass
 
     def offload(self, parameters: bool = True) -> None:

@@ -1,9 +1,10 @@
 """Weight sync as one component of a run: each new version of the policy goes from the trainer
 group into every rollout engine, in place, through the shared-memory transport (transport.py).
 
-One writer per node (the node's first trainer rank) serves the engines of its node. An engine
-that dies during an update is marked failed on its own node, by that node's writer, so the update
-goes on for the others; the engine is then restarted and given the same version alone.
+One writer per node serves the engines of its node: the node's first trainer rank, or on a node
+without one a relay that the first trainer rank sends the buckets to (relay.py). An engine that
+dies during an update is marked failed on its own node, by that node's writer, so the update goes
+on for the others; the engine is then restarted and given the same version alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from rl.config import ConfigError, WeightSyncConfig
+from rl.config import WeightSyncConfig
+from rl.weight_sync.relay import start_relay
 from rl.weight_sync.transport import WeightUpdate, plan_buckets
 from rollout.engine import engine_died
 
@@ -23,21 +25,20 @@ if TYPE_CHECKING:
     from rl.cluster.trainer_group import TrainerGroup
 
 
-def writer_ranks(trainer_nodes: list[str], engine_nodes: list[str]) -> dict[int, tuple[int, ...]]:
-    """Trainer rank -> the engines it writes for: the first rank of each node serves that node's engines."""
+def writer_layout(trainer_nodes: list[str], engine_nodes: list[str]) -> tuple[dict[int, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Who writes for which engines: trainer rank -> the engines of its node (the first rank of each
+    node), and node -> its engines for each node where no trainer rank runs (a relay's)."""
     first_rank: dict[str, int] = {}
     for rank, node in enumerate(trainer_nodes):
         first_rank.setdefault(node, rank)
-    writers: dict[int, tuple[int, ...]] = {}
+    ranks: dict[int, tuple[int, ...]] = {}
+    relays: dict[str, tuple[int, ...]] = {}
     for index, node in enumerate(engine_nodes):
-        if node not in first_rank:
-            raise ConfigError(
-                f"rollout engine {index} is placed on node {node[:12]}, where no trainer rank runs: weight sync "
-                "serves engines from a trainer rank on their own node (rollout.placement=colocated puts an "
-                "engine beside every rank)"
-            )
-        writers[first_rank[node]] = writers.get(first_rank[node], ()) + (index,)
-    return writers
+        if node in first_rank:
+            ranks[first_rank[node]] = ranks.get(first_rank[node], ()) + (index,)
+        else:
+            relays[node] = relays.get(node, ()) + (index,)
+    return ranks, relays
 
 
 class WeightSync:
@@ -53,8 +54,15 @@ class WeightSync:
             block_name=f"k2rl-weights-{uuid.uuid4().hex[:12]}",
         )
         self._engine_nodes = engines.node_ids()
-        self._writers = writer_ranks(trainers.node_ids(), self._engine_nodes)
+        self._writers, relay_nodes = writer_layout(trainers.node_ids(), self._engine_nodes)
         ray.get([trainers.ranks[rank].open_weight_writer.remote(self.plan, local) for rank, local in self._writers.items()])
+        self.relays = {node: start_relay(self.plan, node, local) for node, local in relay_nodes.items()}
+        self._relay_readers = relay_nodes
+        try:
+            ray.get([relay.__ray_ready__.remote() for relay in self.relays.values()])
+        except BaseException:
+            self.shutdown()
+            raise
         engines.load_weights = lambda index: self.push(self.version, (index,))
 
     def push(self, version: int, readers: tuple[int, ...] | None = None) -> int:
@@ -66,7 +74,9 @@ class WeightSync:
             # The device holds the trainer's parameters and the engines' weights during the update.
             self.trainers.offload(parameters=False)
             ray.get([engines[index].wake_up.remote(("weights",)) for index in readers])
-        gathers = [rank.broadcast_weights.remote(update) for rank in self.trainers.ranks]
+        relays = [relay for node, relay in self.relays.items() if set(self._relay_readers[node]) & set(readers)]
+        gathers = [rank.broadcast_weights.remote(update, relays if index == 0 else []) for index, rank in enumerate(self.trainers.ranks)]
+        relayed = [relay.write.remote(update) for relay in relays]
         loads = {engines[index].receive_update.remote(update, index): index for index in readers}
         died: dict[int, BaseException] = {}
         pending = list(loads)
@@ -79,8 +89,8 @@ class WeightSync:
                     raise
                 index = loads[future]
                 died[index] = error
-                ray.get(self.trainers.ranks[self._writer_of(index)].mark_reader_failed.remote(index, update.update_id))
-        ray.get(gathers)
+                ray.get(self._writer_of(index).mark_reader_failed.remote(index, update.update_id))
+        ray.get(gathers + relayed)
         if self.colocated:
             # The trainer's memory goes to the host before the engines' KV caches come back.
             self.trainers.offload()
@@ -90,5 +100,18 @@ class WeightSync:
             self.engines.restart(index, error)
         return version
 
-    def _writer_of(self, engine: int) -> int:
-        return next(rank for rank, readers in self._writers.items() if engine in readers)
+    def _writer_of(self, engine: int):
+        """The actor that writes for `engine`: its node's first trainer rank, or its node's relay."""
+        rank = next((rank for rank, readers in self._writers.items() if engine in readers), None)
+        return self.trainers.ranks[rank] if rank is not None else self.relays[self._engine_nodes[engine]]
+
+    def shutdown(self) -> None:
+        """Stop the relays, their shared-memory blocks unlinked first (the trainer ranks close their own)."""
+        try:
+            ray.get([relay.close.remote() for relay in self.relays.values()], timeout=30)
+        except Exception:  # noqa: BLE001 - cleanup must reach the kills below
+            pass
+        finally:  # a Ctrl-C during the wait too
+            for relay in self.relays.values():
+                ray.kill(relay)
+            self.relays = {}
