@@ -119,7 +119,7 @@ class RolloutConfig:
     # Generate every response to its token budget, ignoring the end of sequence (benchmarks that
     # must compare equal work).
     ignore_eos: bool = False
-    # "auto" (rl/cluster/placement.py, `resolve_engines`): on CPU two engines for a model under 20 M
+    # "auto" (rl/cluster/placement.py, `resolve_layout`): on CPU two engines for a model under 20 M
     # parameters, one engine of all cores for a larger one. A small model's per-step work
     # (scheduling, sampling, many small kernels) runs on one core, so two engines of one thread each
     # generate about 1.5x faster than one of two threads; a larger model's decode step is bound by
@@ -255,8 +255,12 @@ class PTXConfig:
 
 @dataclass
 class TrainerConfig:
-    # The trainer ranks form a data_parallel_size x tensor_parallel_size mesh.
-    data_parallel_size: int = 2
+    # The trainer ranks form a data_parallel_size x tensor_parallel_size mesh. "auto"
+    # (rl/cluster/placement.py, `resolve_layout`): on CPU two ranks of one thread each for a model
+    # under 20 M parameters, one rank of all cores for a larger one. Two ranks split a small model's
+    # many small kernels over the cores; a larger model's matrix products run faster on one rank's
+    # threads than in two processes (docs/BENCHMARKS.md). On GPU, two.
+    data_parallel_size: int | str = "auto"
     tensor_parallel_size: int = 1
     # How data-parallel ranks hold the model: "fsdp" (FSDP2: parameters, gradients and optimizer
     # state sharded), "replicate" (each rank holds all, gradients all-reduced: fastest for small
@@ -353,7 +357,6 @@ class RunConfig:
             "rollout.max_turns": self.rollout.max_turns,
             "rollout.step_timeout_s": self.rollout.step_timeout_s,
             "rollout.env_workers": self.rollout.env_workers,
-            "trainer.data_parallel_size": self.trainer.data_parallel_size,
             "trainer.tensor_parallel_size": self.trainer.tensor_parallel_size,
             "trainer.micro_batch_size": self.trainer.micro_batch_size,
             "trainer.optimizer_steps_per_batch": self.trainer.optimizer_steps_per_batch,
@@ -365,9 +368,9 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
-        engines = self.rollout.num_engines
-        if engines != "auto" and (isinstance(engines, str) or engines <= 0):
-            raise ConfigError(f"rollout.num_engines must be > 0 or auto, got {engines!r}")
+        for key, value in (("trainer.data_parallel_size", self.trainer.data_parallel_size), ("rollout.num_engines", self.rollout.num_engines)):
+            if value != "auto" and (isinstance(value, str) or value <= 0):
+                raise ConfigError(f"{key} must be > 0 or auto, got {value!r}")
         if isinstance(self.rollout.enforce_eager, str) and self.rollout.enforce_eager != "auto":
             raise ConfigError(f"rollout.enforce_eager must be true, false or auto, got {self.rollout.enforce_eager!r}")
         for task_type, budget in self.rollout.token_budgets.items():
@@ -429,13 +432,8 @@ class RunConfig:
             )
         if self.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
-        batch = self.data.prompts_per_step * self.rollout.n_samples
-        shards = self.trainer.data_parallel_size * self.trainer.optimizer_steps_per_batch
-        if batch % shards:
-            raise ConfigError(
-                f"batch of data.prompts_per_step x rollout.n_samples = {batch} trajectories does not divide "
-                f"into trainer.data_parallel_size x trainer.optimizer_steps_per_batch = {shards} equal parts"
-            )
+        if self.trainer.data_parallel_size != "auto":
+            check_batch_split(self)
         for key in ("model.path", "data.train_path", "data.eval_path"):
             section, name = key.split(".")
             path = getattr(getattr(self, section), name)
@@ -564,6 +562,18 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     config = _build(RunConfig, raw, prefix="")
     config.validate()
     return config
+
+
+def check_batch_split(config: RunConfig) -> None:
+    """The step's batch must split into equal parts over the data-parallel ranks and optimizer steps
+    (checked again once `trainer.data_parallel_size: auto` is resolved)."""
+    batch = config.data.prompts_per_step * config.rollout.n_samples
+    shards = config.trainer.data_parallel_size * config.trainer.optimizer_steps_per_batch
+    if batch % shards:
+        raise ConfigError(
+            f"batch of data.prompts_per_step x rollout.n_samples = {batch} trajectories does not divide "
+            f"into trainer.data_parallel_size x trainer.optimizer_steps_per_batch = {shards} equal parts"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

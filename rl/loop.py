@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from rewards import RewardScorer, get_reward
 from rl import stop_signals
-from rl.cluster.placement import resolve_dtype, resolve_engines
+from rl.cluster.placement import resolve_dtype, resolve_layout
 from rl.cluster.workers import Workers
 from rl.config import RunConfig
 from rl.critique import CRITIQUE_TASK_TYPE, CriticRefinement
@@ -139,7 +139,7 @@ class Controller:
         `on_step(step, workers)` is called after each weight update. Given `workers` (started for
         the same model, mesh and engines), the run starts their trainer from the model again (or
         from the checkpoint) and leaves them running."""
-        config = self.config = resolve_engines(resolve_dtype(self.config), model_path)
+        config = self.config = resolve_layout(resolve_dtype(self.config), model_path)
         started = time.perf_counter()
         if not self._prepared:
             self.prepare(model_path)

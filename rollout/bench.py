@@ -273,9 +273,9 @@ def measure_partial(workers, model_path: str, tasks: Path, short: int, long: int
 def default_engine_threads(model_path: str) -> int:
     """The CPU threads each engine of a default run of this model has on this machine: its cores
     shared among the engines the default gives the model (what `rollout.cpu_threads: 0` gives them)."""
-    from rl.cluster.placement import resolve_engines, shared_cores
+    from rl.cluster.placement import resolve_layout, shared_cores
 
-    engines = resolve_engines(load_config(None, [f"model.path={model_path}"]), model_path).rollout.num_engines
+    engines = resolve_layout(load_config(None, [f"model.path={model_path}"]), model_path).rollout.num_engines
     return shared_cores(["local"] * engines, {"local": os.cpu_count() or 1}, 0)
 
 

@@ -97,7 +97,7 @@ class ModelCritic(PolicyCritic):
         from transformers import AutoConfig
 
         from rl.cluster.engine_pool import EnginePool, EngineStartError
-        from rl.cluster.placement import resolve_dtype, resolve_engines
+        from rl.cluster.placement import resolve_dtype, resolve_layout
 
         check_model_dir(model_dir)
         run_config = resolve_dtype(run_config)
@@ -126,7 +126,7 @@ class ModelCritic(PolicyCritic):
         rollout = dataclasses.replace(run_config.rollout, num_engines=num_engines, max_model_len=max_model_len,
                                       kv_cache_gib=kv_cache_gib, tensor_parallel_size=1)
         # A run's config arrives resolved for its policy; what is still auto is resolved for the critic's model.
-        critic_config = resolve_engines(dataclasses.replace(run_config, rollout=rollout), model_dir)
+        critic_config = resolve_layout(dataclasses.replace(run_config, rollout=rollout), model_dir)
         try:
             pool = DiskWeightsPool(critic_config, model_dir, OwnDevices())
             pool.wait_ready()

@@ -1,7 +1,9 @@
-"""What each engine is given: torch threads on CPU, and how many requests it batches."""
+"""The layout a run is given: trainer ranks and engines per model, torch threads on CPU, and how many requests an engine batches."""
+
+import pytest
 
 from rl.cluster.placement import Placement, shared_cores
-from rl.config import load_config
+from rl.config import ConfigError, load_config
 
 
 def test_an_engine_shares_its_nodes_cores_with_the_engines_there():
@@ -13,7 +15,7 @@ def test_an_engine_shares_its_nodes_cores_with_the_engines_there():
 
 def test_engine_threads_follow_the_config_or_the_node(ray_cluster, tiny_policy):
     for overrides, expected in (([], [1, 1]), (["rollout.cpu_threads=3"], [3, 3])):
-        placement = Placement(load_config(None, [f"model.path={tiny_policy}", "rollout.num_engines=2", *overrides]))
+        placement = Placement(load_config(None, [f"model.path={tiny_policy}", "trainer.data_parallel_size=2", "rollout.num_engines=2", *overrides]))
         try:
             # The session's nodes declare one CPU each, and the two engines land on different nodes.
             assert [placement.engine_cpu_threads(index) for index in range(2)] == expected
@@ -29,13 +31,13 @@ def test_an_engine_batches_as_many_requests_as_the_rollout_runs_at_once(tiny_pol
     from vllm import AsyncEngineArgs
 
     from rl.cluster.engine_pool import run_engine_spec
-    from rl.cluster.placement import resolve_engines
+    from rl.cluster.placement import resolve_layout
     from rollout.engine import engine_arguments
 
     # engine_arguments sets what an engine's process reads; this process keeps its own settings.
     monkeypatch.setattr(os, "environ", dict(os.environ))
     monkeypatch.setattr(torch._dynamo.config, "disable", torch._dynamo.config.disable)
-    config = resolve_engines(load_config(None, [f"model.path={tiny_policy}", "rollout.max_concurrent_episodes=300"]), str(tiny_policy))
+    config = resolve_layout(load_config(None, [f"model.path={tiny_policy}", "rollout.max_concurrent_episodes=300"]), str(tiny_policy))
     spec = run_engine_spec(config, str(tiny_policy), sleep_between_rollouts=False)
     assert AsyncEngineArgs(**engine_arguments(spec)).create_engine_config().scheduler_config.max_num_seqs == 300
 
@@ -61,10 +63,18 @@ def test_auto_dtype_is_bfloat16_where_the_devices_multiply_in_it(monkeypatch):
 
 
 def test_auto_engines_on_cpu_are_compiled_two_for_a_small_model_and_one_for_a_large_one():
-    from rl.cluster.placement import LARGE_ENGINE_PARAMETERS, engine_layout
+    from rl.cluster.placement import LARGE_MODEL_PARAMETERS, engine_layout
 
-    assert engine_layout(0, 2, 1, False, LARGE_ENGINE_PARAMETERS - 1) == (2, False)
-    assert engine_layout(0, 2, 1, False, LARGE_ENGINE_PARAMETERS) == (1, False)
+    assert engine_layout(0, 2, 1, False, LARGE_MODEL_PARAMETERS - 1) == (2, False)
+    assert engine_layout(0, 2, 1, False, LARGE_MODEL_PARAMETERS) == (1, False)
+
+
+def test_auto_trainer_ranks_are_two_on_cpu_for_a_small_model_one_for_a_large_one_and_two_on_gpu():
+    from rl.cluster.placement import LARGE_MODEL_PARAMETERS, trainer_ranks
+
+    assert trainer_ranks(0, LARGE_MODEL_PARAMETERS - 1) == 2
+    assert trainer_ranks(0, LARGE_MODEL_PARAMETERS) == 1
+    assert trainer_ranks(8, LARGE_MODEL_PARAMETERS) == 2
 
 
 def test_auto_engines_take_the_gpus_the_trainer_leaves():
@@ -78,23 +88,27 @@ def test_auto_engines_take_the_gpus_the_trainer_leaves():
     assert engine_layout(1, 1, 1, False, 10**6) == (1, True)
 
 
-def test_auto_engines_resolve_for_the_model_and_chosen_values_stay(tiny_policy, tmp_path, monkeypatch):
-    """The bench's large model (60 M parameters) gets one compiled engine on CPU, the tiny policy two."""
+def test_auto_layout_resolves_for_the_model_and_chosen_values_stay(tiny_policy, tmp_path, monkeypatch):
+    """The bench's large model (60 M parameters) gets one trainer rank and one compiled engine on CPU, the tiny policy two of each."""
     import ray
     import torch
 
     from rl.bench import large_config
-    from rl.cluster.placement import resolve_engines
+    from rl.cluster.placement import resolve_layout
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     large_config(tiny_policy).save_pretrained(tmp_path)
 
     def layout(model, *overrides):
-        rollout = resolve_engines(load_config(None, [f"model.path={model}", *overrides]), str(model)).rollout
-        return rollout.num_engines, rollout.enforce_eager
+        config = resolve_layout(load_config(None, [f"model.path={model}", *overrides]), str(model))
+        return config.trainer.data_parallel_size, config.rollout.num_engines, config.rollout.enforce_eager
 
-    assert layout(tiny_policy) == (2, False)
-    assert layout(tmp_path) == (1, False)
-    assert layout(tmp_path, "rollout.num_engines=3") == (3, False)
-    assert layout(tmp_path, "rollout.enforce_eager=true") == (1, True)
+    assert layout(tiny_policy) == (2, 2, False)
+    assert layout(tmp_path) == (1, 1, False)
+    assert layout(tmp_path, "rollout.num_engines=3") == (1, 3, False)
+    assert layout(tmp_path, "rollout.enforce_eager=true", "trainer.data_parallel_size=2") == (2, 1, True)
+    # A batch that auto's two ranks cannot split is refused once they are chosen.
+    with pytest.raises(ConfigError, match="= 9 trajectories does not divide into trainer.data_parallel_size"):
+        layout(tiny_policy, "data.prompts_per_step=3", "rollout.n_samples=3")
+    assert layout(tmp_path, "data.prompts_per_step=3", "rollout.n_samples=3")[0] == 1

@@ -16,7 +16,7 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rl.config import ConfigError, RunConfig
+from rl.config import ConfigError, RunConfig, check_batch_split
 
 # A CPU bundle reserves next to nothing: the actors share the cores.
 _CPU_BUNDLE = {"CPU": 0.001}
@@ -39,9 +39,10 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
 
 
-# On CPU, `rollout.num_engines: auto` gives a model at least this large one engine of all cores,
-# and a smaller one two engines of one thread (rl/config.py says why).
-LARGE_ENGINE_PARAMETERS = 20_000_000
+# On CPU, a model at least this large gets one engine of all cores (`rollout.num_engines: auto`)
+# and one trainer rank of all cores (`trainer.data_parallel_size: auto`); a smaller one two of each,
+# of one thread (rl/config.py says why).
+LARGE_MODEL_PARAMETERS = 20_000_000
 
 
 def model_parameters(model_config) -> int:
@@ -52,31 +53,48 @@ def model_parameters(model_config) -> int:
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
 
 
-def resolve_engines(config: RunConfig, model_path: str) -> RunConfig:
-    """`config` with `rollout.num_engines: auto` and `rollout.enforce_eager: auto` made concrete for
-    this model and cluster (see `engine_layout`). Resolved once, before any actor starts, as the dtype."""
-    rollout = config.rollout
-    if "auto" not in (rollout.num_engines, rollout.enforce_eager):
+def resolve_layout(config: RunConfig, model_path: str) -> RunConfig:
+    """`config` with `trainer.data_parallel_size`, `rollout.num_engines` and `rollout.enforce_eager`
+    made concrete where they are auto, for this model and cluster (see `trainer_ranks` and
+    `engine_layout`). Resolved once, before any actor starts, as the dtype."""
+    trainer, rollout = config.trainer, config.rollout
+    if "auto" not in (trainer.data_parallel_size, rollout.num_engines, rollout.enforce_eager):
         return config
     from transformers import AutoConfig
 
-    world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
+    gpus = _cluster_gpus()
     parameters = model_parameters(AutoConfig.from_pretrained(model_path))
-    engines, eager = engine_layout(_cluster_gpus(), world, rollout.tensor_parallel_size, rollout.placement == "colocated", parameters)
-    return dataclasses.replace(config, rollout=dataclasses.replace(
-        rollout,
-        num_engines=engines if rollout.num_engines == "auto" else rollout.num_engines,
-        enforce_eager=eager if rollout.enforce_eager == "auto" else rollout.enforce_eager,
-    ))
+    ranks = trainer_ranks(gpus, parameters) if trainer.data_parallel_size == "auto" else trainer.data_parallel_size
+    engines, eager = engine_layout(gpus, ranks * trainer.tensor_parallel_size, rollout.tensor_parallel_size,
+                                   rollout.placement == "colocated", parameters)
+    resolved = dataclasses.replace(
+        config,
+        trainer=dataclasses.replace(trainer, data_parallel_size=ranks),
+        rollout=dataclasses.replace(
+            rollout,
+            num_engines=engines if rollout.num_engines == "auto" else rollout.num_engines,
+            enforce_eager=eager if rollout.enforce_eager == "auto" else rollout.enforce_eager,
+        ),
+    )
+    check_batch_split(resolved)
+    return resolved
+
+
+def trainer_ranks(gpus: int, parameters: int) -> int:
+    """Data-parallel trainer ranks: on CPU one of all cores for a model of LARGE_MODEL_PARAMETERS or
+    more, else two of one thread each; on GPU two."""
+    if gpus:
+        return 2
+    return 1 if parameters >= LARGE_MODEL_PARAMETERS else 2
 
 
 def engine_layout(gpus: int, world: int, engine_tp: int, colocated: bool, parameters: int) -> tuple[int, bool]:
     """How many engines, and whether they run eager: on GPU one engine per GPU the trainer's `world`
     ranks leave (colocated: one per rank), eager; on CPU compiled, one engine for a model of
-    LARGE_ENGINE_PARAMETERS or more, else two."""
+    LARGE_MODEL_PARAMETERS or more, else two."""
     if gpus:
         return (world if colocated else max(1, (gpus - world) // engine_tp)), True
-    return (1 if parameters >= LARGE_ENGINE_PARAMETERS else 2), False
+    return (1 if parameters >= LARGE_MODEL_PARAMETERS else 2), False
 
 
 class Placement:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import ray
 
 from rl.cluster.engine_pool import EnginePool
-from rl.cluster.placement import Placement, resolve_dtype, resolve_engines
+from rl.cluster.placement import Placement, resolve_dtype, resolve_layout
 from rl.cluster.trainer_group import TrainerGroup
 from rl.config import RunConfig
 from rl.trainer.parallel import check_layout
@@ -30,7 +30,7 @@ class Workers:
         Whatever started is stopped again if a later piece fails."""
         from transformers import AutoConfig
 
-        config = resolve_engines(resolve_dtype(config), model_path)
+        config = resolve_layout(resolve_dtype(config), model_path)
         world = config.trainer.data_parallel_size * config.trainer.tensor_parallel_size
         # A mesh that cannot split the model fails here, before any process starts.
         check_layout(config.trainer, world, AutoConfig.from_pretrained(model_path))
