@@ -43,7 +43,7 @@ from rl.trainer.worker import MicroBatch
 # The larger size: Qwen2-shaped, about 60 M parameters over the default policy's 512-token vocabulary.
 LARGE = {"hidden_size": 640, "intermediate_size": 1728, "num_hidden_layers": 12, "num_attention_heads": 10,
          "num_key_value_heads": 10, "head_dim": 64}
-# Bytes one parameter takes here: an engine's weights (plain and packed), two trainer ranks'
+# Bytes one parameter takes here: an engine's weights (plain and packed), up to two trainer ranks'
 # replicated float32 training state, and the baseline's.
 _BYTES_PER_PARAMETER = 2 * 4 + 2 * 16 + 16
 
