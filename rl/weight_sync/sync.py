@@ -57,7 +57,6 @@ class WeightSync:
         self._writers, relay_nodes = writer_layout(trainers.node_ids(), self._engine_nodes)
         ray.get([trainers.ranks[rank].open_weight_writer.remote(self.plan, local) for rank, local in self._writers.items()])
         self.relays = {node: start_relay(self.plan, node, local) for node, local in relay_nodes.items()}
-        self._relay_readers = relay_nodes
         try:
             ray.get([relay.__ray_ready__.remote() for relay in self.relays.values()])
         except BaseException:
@@ -74,7 +73,8 @@ class WeightSync:
             # The device holds the trainer's parameters and the engines' weights during the update.
             self.trainers.offload(parameters=False)
             ray.get([engines[index].wake_up.remote(("weights",)) for index in readers])
-        relays = [relay for node, relay in self.relays.items() if set(self._relay_readers[node]) & set(readers)]
+        reader_nodes = {self._engine_nodes[index] for index in readers}
+        relays = [relay for node, relay in self.relays.items() if node in reader_nodes]
         gathers = [rank.broadcast_weights.remote(update, relays if index == 0 else []) for index, rank in enumerate(self.trainers.ranks)]
         relayed = [relay.write.remote(update) for relay in relays]
         loads = {engines[index].receive_update.remote(update, index): index for index in readers}
