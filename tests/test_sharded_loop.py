@@ -117,16 +117,14 @@ def test_an_engine_on_a_node_without_a_trainer_rank_gets_its_weights_through_a_r
 
     from rl.cluster.placement import Placement
 
-    placed = Placement.nodes
-
     def engines_on_the_other_node(self):
-        trainer_nodes, _ = placed(self)
+        trainer_nodes = set(ray_cluster.util.placement_group_table(self.group)["bundles_to_node_id"].values())
         other = next(node["NodeID"] for node in ray_cluster.nodes() if node["Alive"] and node["NodeID"] not in trainer_nodes)
-        return trainer_nodes, [other] * self.num_engines
+        return [other] * self.num_engines
 
-    monkeypatch.setattr(Placement, "nodes", engines_on_the_other_node)
+    monkeypatch.setattr(Placement, "engine_nodes", engines_on_the_other_node)
     monkeypatch.setattr(Placement, "engine_options", lambda self, index: {
-        "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(self.nodes()[1][index], soft=False)})
+        "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(self.engine_nodes()[index], soft=False)})
     config = load_config(None, [
         f"model.path={tiny_policy}", "trainer.data_parallel_size=1", "rollout.num_engines=1", "rollout.cpu_threads=1",
         "rollout.enforce_eager=true", "model.dtype=float32", "weight_sync.timeout_s=60",

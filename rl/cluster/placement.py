@@ -158,10 +158,10 @@ class Placement:
             return index % self.world
         return index if self.colocated else self.world + index
 
-    def nodes(self) -> tuple[list[str], list[str]]:
-        """The node id of each trainer rank and of each engine, as placed: known before any actor starts."""
+    def engine_nodes(self) -> list[str]:
+        """The node id of each engine, as placed: known before any engine starts."""
         bundle_nodes = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
-        return [bundle_nodes[rank] for rank in range(self.world)], [bundle_nodes[self._engine_bundle(i)] for i in range(self.num_engines)]
+        return [bundle_nodes[self._engine_bundle(index)] for index in range(self.num_engines)]
 
     def engine_cpu_threads(self, index: int) -> int:
         """On CPU, the torch threads of engine `index`: `rollout.cpu_threads`, or else its node's cores
@@ -170,9 +170,8 @@ class Placement:
             return 0
         if self.engine_threads:
             return self.engine_threads
-        _, engine_nodes = self.nodes()
         node_cores = {node["NodeID"]: int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]}
-        return shared_cores(engine_nodes, node_cores, index)
+        return shared_cores(self.engine_nodes(), node_cores, index)
 
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)
