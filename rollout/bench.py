@@ -284,17 +284,16 @@ def run_rollout_bench(model_path: str, requests: int, length: int, repeats: int,
     """Both measurements on one set of workers: started here (on a Ray cluster of its own), or
     `workers` already running for `model_path` (then with their trainer's micro-batch size).
     `overrides` (KEY=VALUE) change the workers' and the partial-rollout runs' config."""
-    from transformers import AutoConfig
-
     from rl.cluster.ray_session import ray_session
     from rl.cluster.workers import Workers
+    from rollout.engine import fit_context
 
     # The overhead compares the rollout layer over one engine with one offline `LLM`, each computing
     # as one engine of the default run does on this machine: with its share of the cores.
     short, long, long_share = 16, 160, 0.125
     # The engines' context holds the longest response of either measurement after its prompt, as far
     # as the model's positions go (`check_length_fits` refuses a longer one).
-    context = min(max(long, length) + 96, AutoConfig.from_pretrained(model_path).max_position_embeddings)
+    context = fit_context(model_path, max(long, length) + 96)
     overrides = (f"rollout.cpu_threads={default_engine_threads(model_path)}", "rollout.num_engines=1",
                  f"rollout.max_model_len={context}", *overrides)
     engines = load_config(None, overrides).rollout.num_engines

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from rollout.engine import GenerationRequest
+from rollout.engine import GenerationRequest, fit_context
 from rollout.rendering import Renderer
 
 # The API key an endpoint critic sends, if its endpoint needs one.
@@ -94,15 +94,13 @@ class ModelCritic(PolicyCritic):
     def start(cls, model_dir: str, run_config, num_engines: int, max_model_len: int, kv_cache_gib: int) -> ModelCritic:
         """Start the critic's engines (`run_config` gives the dtype, seed and engine settings)."""
         import ray
-        from transformers import AutoConfig
 
         from rl.cluster.engine_pool import EnginePool, EngineStartError
         from rl.cluster.placement import resolve_dtype, resolve_layout
 
         check_model_dir(model_dir)
         run_config = resolve_dtype(run_config)
-        # A longer context than the model was built for would not start.
-        max_model_len = min(max_model_len, getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", max_model_len))
+        max_model_len = fit_context(model_dir, max_model_len)
 
         class DiskWeightsPool(EnginePool):
             """Engines that read their weights from disk: the run's pool starts empty engines for weight sync."""

@@ -91,6 +91,14 @@ class GenerationResult:
     cached_tokens: int = 0
 
 
+def fit_context(model_path: str, max_model_len: int) -> int:
+    """`max_model_len`, or the model's positions where it was built for fewer: vLLM refuses to start
+    an engine with a longer context."""
+    from transformers import AutoConfig
+
+    return min(max_model_len, getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", max_model_len))
+
+
 def engine_arguments(spec: EngineSpec) -> dict:
     """vLLM's engine arguments for `spec` (the async engine here, and an offline `LLM` in benchmarks).
     Sets the process environment that vLLM reads when it starts."""
