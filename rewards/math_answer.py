@@ -18,7 +18,7 @@ import threading
 
 from math_verify import parse, parser, verify
 
-from rewards.registry import register
+from rewards.registry import checks_spec, register
 from rl.records import RewardResult, Task
 
 _TIMEOUT_SECONDS = 5
@@ -34,18 +34,31 @@ parser.parse_expr_cached = functools.lru_cache(maxsize=_MEMO_SIZE)(parser.parse_
 parser.Number = functools.lru_cache(maxsize=_MEMO_SIZE)(parser.Number)
 
 
-@register("math")
-def math_reward(task: Task, response: str) -> RewardResult:
-    """1.0 if the response's answer equals `reward_spec["answer"]`, else 0.0."""
+def _gold(task: Task, timeout: int | None) -> tuple:
+    """The task's parsed gold answer; ValueError, naming the task, if it has none."""
     if "answer" not in task.reward_spec:
         raise ValueError(f"task {task.task_id!r}: reward_spec has no 'answer' key")
-    timeout = _timeout_seconds()
     gold = _parse_gold(str(task.reward_spec["answer"]), timeout)
     if not gold:
         raise ValueError(
             f"task {task.task_id!r}: cannot parse reward_spec['answer'] "
             f"{task.reward_spec['answer']!r}"
         )
+    return gold
+
+
+def _check_spec(task: Task) -> None:
+    # Parsed with the limit that scoring in this thread uses, so that the parse is the one
+    # scoring finds in the memo (and math_verify's parser has built its tables by then).
+    _gold(task, _timeout_seconds())
+
+
+@register("math")
+@checks_spec(_check_spec)
+def math_reward(task: Task, response: str) -> RewardResult:
+    """1.0 if the response's answer equals `reward_spec["answer"]`, else 0.0."""
+    timeout = _timeout_seconds()
+    gold = _gold(task, timeout)
     predicted = parse(response, parsing_timeout=timeout)
     if not predicted:
         return RewardResult(0.0, "no_answer")

@@ -55,6 +55,30 @@ def blocking_reward(fn: RewardFn) -> RewardFn:
 def is_blocking_reward(fn: Any) -> bool:
     return bool(getattr(fn, "blocks", False))
 
+
+SpecCheck = Callable[[Task], None]
+"""Raises ValueError, naming the task, when a reward could not score any response to it."""
+
+
+def checks_spec(check: SpecCheck) -> Callable[[RewardFn], RewardFn]:
+    """Give a reward a check of one task's `reward_spec` (put it under `@register`). A run puts its
+    held-out tasks through it before any process starts: an evaluation counts a task its reward
+    cannot score as a wrong answer, a silent loss of accuracy at every evaluation."""
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        fn.check_spec = check  # type: ignore[attr-defined]
+        return fn
+
+    return decorator
+
+
+def check_reward_spec(task: Task) -> None:
+    """Run the check of the task's reward, if it has one (a task with no reward has nothing to check)."""
+    check = getattr(get_reward(task.reward), "check_spec", None) if task.reward else None
+    if check is not None:
+        check(task)
+
+
 ENTRY_POINT_GROUP = "k2rl.rewards"
 
 _REWARDS: dict[str, RewardFn] = {}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rewards import RewardScorer, get_reward
+from rewards import RewardScorer, check_reward_spec, get_reward
 from rl import stop_signals
 from rl.cluster.placement import resolve_dtype, resolve_layout
 from rl.cluster.workers import Workers
@@ -96,9 +96,12 @@ class Controller:
             success_rates=SuccessRates(data.prioritized.floor, data.prioritized.smoothing) if data.prioritized.enabled else None,
             hard_fraction=data.arithmetic_hard_fraction, kinds=kinds,
         )
-        # An unknown reward or environment fails here, before any process starts.
+        # An unknown reward or environment fails here, before any process starts, and so does a
+        # held-out task that its reward could not score.
         for name in self.sampler.reward_names() | {task.reward for task in self.eval_tasks if task.reward}:
             get_reward(name)
+        for task in self.eval_tasks:
+            check_reward_spec(task)
         self.critique = CriticRefinement(config, run_dir)
         self.critique.check(self._with_env(self.sampler.tasks()) + self.eval_tasks)
         for env_id, kwargs in {(t.env, json.dumps(t.env_kwargs, sort_keys=True)) for t in self._with_env(self.sampler.tasks()) + self.eval_tasks if t.env}:

@@ -141,6 +141,17 @@ def test_cli_unknown_reward(capsys, tmp_path):
     assert len(lines) == 1 and "unknown reward 'no_such_reward'" in lines[0]
 
 
+def test_cli_a_held_out_task_its_reward_cannot_score(capsys, tmp_path):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
+    train.write_text('{"prompt": "1 + 1?", "answer": "2"}\n')
+    held_out.write_text('{"id": "h1", "prompt": "1 + 2?", "answer": "3"}\n{"id": "h2", "prompt": "1 + 3?", "answer": ""}\n')
+    code, lines = _run_cli(
+        capsys, f"data.train_path={train}", f"data.eval_path={held_out}", f"--run-dir={tmp_path / 'run'}"
+    )
+    assert code == 2
+    assert lines == ["k2rl: error: task 'h2': cannot parse reward_spec['answer'] ''"]
+
+
 def test_a_curriculum_needs_a_difficulty_on_every_task(tmp_path):
     from rl.loop import Controller
 

@@ -12,6 +12,8 @@ from rewards import (
     RewardScorer,
     UnknownRewardError,
     apply_budget,
+    check_reward_spec,
+    checks_spec,
     get_reward,
     register,
     registry,
@@ -183,6 +185,37 @@ def test_arithmetic_tasks_switch_the_number_guard_on() -> None:
 def test_math_reward_missing_answer_names_task_and_key() -> None:
     with pytest.raises(ValueError, match=r"'t1'.*'answer'"):
         get_reward("math")(make_task(), r"\boxed{12}")
+
+
+@pytest.mark.parametrize(
+    ("reward_spec", "message"),
+    [({}, r"task 't1': reward_spec has no 'answer' key"), ({"answer": ""}, r"task 't1': cannot parse reward_spec\['answer'\] ''")],
+)
+def test_the_math_reward_checks_a_task_it_could_not_score(reward_spec: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_reward_spec(make_task(**reward_spec))
+    check_reward_spec(make_task(answer="12"))
+
+
+def test_a_reward_with_no_spec_check_passes_every_task(isolated_registry: None) -> None:
+    register("unchecked")(lambda task, response: RewardResult(1.0, "ok"))
+    check_reward_spec(make_task("unchecked"))
+    check_reward_spec(make_task(""))
+
+
+def test_a_plugin_reward_brings_its_spec_check(isolated_registry: None) -> None:
+    def needs_words(task: Task) -> None:
+        if "words" not in task.reward_spec:
+            raise ValueError(f"task {task.task_id!r}: reward_spec has no 'words'")
+
+    @register("wordy")
+    @checks_spec(needs_words)
+    def wordy(task: Task, response: str) -> RewardResult:
+        return RewardResult(float(len(response.split()) == task.reward_spec["words"]), "wordy")
+
+    with pytest.raises(ValueError, match="no 'words'"):
+        check_reward_spec(make_task("wordy"))
+    check_reward_spec(make_task("wordy", words=3))
 
 
 def test_math_reward_off_main_thread() -> None:
