@@ -2,7 +2,8 @@
 
 Equality is mathematical, not textual (`0.5` equals `\\frac{1}{2}`, `x = 5` answers `5`), which is
 what `math_verify` provides. Its default extraction prefers a `\\boxed{...}` answer and
-otherwise takes the last expression in the text.
+otherwise takes the last expression in the text. A response that keeps math_verify past its time
+limit (5 s for its parse, and for each comparison) is a reward error, not a wrong answer.
 
 `reward_spec`:
 - `answer` (required): the gold answer, plain or LaTeX.
@@ -14,9 +15,11 @@ otherwise takes the last expression in the text.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 
 from math_verify import parse, parser, verify
+from math_verify.errors import TimeoutException
 
 from rewards.registry import checks_spec, register
 from rl.records import RewardResult, Task
@@ -59,14 +62,40 @@ def math_reward(task: Task, response: str) -> RewardResult:
     """1.0 if the response's answer equals `reward_spec["answer"]`, else 0.0."""
     timeout = _timeout_seconds()
     gold = _gold(task, timeout)
-    predicted = parse(response, parsing_timeout=timeout)
+    predicted = _parse_response(task, response, timeout)
     if not predicted:
         return RewardResult(0.0, "no_answer")
     if task.reward_spec.get("require_number", False) and _is_number(gold[0]) and not _is_number(predicted[0]):
         return RewardResult(0.0, "unevaluated_answer")
-    if verify(list(gold), predicted, timeout_seconds=timeout):
+    if _equal(task, gold, predicted, timeout):
         return RewardResult(1.0, "correct")
     return RewardResult(0.0, "wrong_answer")
+
+
+# math_verify's own handling of errors, except for its time limit: left to math_verify, a response
+# that runs past the limit would score as "no answer" or "wrong", a 0 that says nothing about it.
+# Raised, it is a reward error, counted and left out of the training signal.
+
+def _parse_response(task: Task, response: str, timeout: int | None) -> list:
+    try:
+        return parse(response, parsing_timeout=timeout, raise_on_error=True)
+    except TimeoutException as error:
+        raise TimeoutError(f"task {task.task_id!r}: math_verify took over {timeout} s to parse the response") from error
+    except Exception:  # noqa: BLE001 - what parse returns for any other failure: no answer
+        return []
+
+
+def _equal(task: Task, gold: tuple, predicted: list, timeout: int | None) -> bool:
+    """Whether any gold answer equals any predicted one, pair by pair as `verify` goes."""
+    for expected, answer in itertools.product(gold, predicted):
+        try:
+            if verify(expected, answer, timeout_seconds=timeout, raise_on_error=True):
+                return True
+        except TimeoutException as error:
+            raise TimeoutError(f"task {task.task_id!r}: math_verify took over {timeout} s to compare the answer") from error
+        except Exception:  # noqa: BLE001 - what verify makes of any other failure: this pair differs
+            continue
+    return False
 
 
 @functools.lru_cache(maxsize=8192)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,25 @@ def test_math_reward_off_main_thread() -> None:
     thread.start()
     thread.join()
     assert results == [RewardResult(1.0, "correct")]
+
+
+@pytest.mark.parametrize(
+    ("stalled", "doing"),
+    [("math_verify.parser.extract_target_from_pred", "parse the response"), ("math_verify.grader.sympy_expr_eq", "compare the answer")],
+)
+def test_a_math_verify_timeout_is_a_reward_error_not_a_wrong_answer(monkeypatch: pytest.MonkeyPatch, stalled: str, doing: str) -> None:
+    from rewards import math_answer
+
+    monkeypatch.setattr(math_answer, "_TIMEOUT_SECONDS", 1)
+    math_answer._parse_gold("12", 1)  # the gold answer parses before the stall
+
+    def stall(*args: object, **kwargs: object) -> None:
+        time.sleep(3)  # math_verify's own alarm ends it after 1 s
+
+    monkeypatch.setattr(stalled, stall)
+    [result] = RewardScorer(num_workers=0).score([(make_task(answer="12"), r"\boxed{12}", False)], budget_penalty=0.0)
+    assert result.failed
+    assert result.reason == f"reward_error: TimeoutError: task 't1': math_verify took over 1 s to {doing}"
 
 
 # Scorer
