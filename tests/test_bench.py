@@ -17,6 +17,10 @@ from rl.cli import main
 
 pytestmark = pytest.mark.integration
 
+# One eager engine: it starts in a few seconds, where the tiny policy's default (two compiled engines)
+# spends half a minute compiling. What is tested is the command, not the engines' speed.
+QUICK_ENGINES = ("rollout.num_engines=1", "rollout.enforce_eager=true")
+
 
 def _bench(capsys, *args: str) -> dict:
     """`k2rl bench ... --json` in this process, on the session's Ray cluster."""
@@ -28,7 +32,7 @@ def _bench(capsys, *args: str) -> dict:
 
 def test_bench_step_compares_k2rl_with_a_single_process_baseline(tiny_policy, ray_cluster, capsys):
     report = _bench(capsys, "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4", "--steps=1", "--warmup=0",
-                    "trainer.micro_batch_size=2", "rollout.n_samples=3")
+                    "trainer.micro_batch_size=2", "rollout.n_samples=3", *QUICK_ENGINES)
     [size] = report["sizes"]
     # The work as the run's config has it, an override included.
     assert size["completions_per_step"] == 6 and size["response_tokens"] == 4
@@ -45,7 +49,7 @@ def test_sigterm_ends_bench_step_in_one_line_and_leaves_nothing_behind(tiny_poli
     before = set(scratch.glob("k2rl-bench-*"))
     bench = subprocess.Popen(
         [sys.executable, "-m", "rl.cli", "bench", "step", f"--model={tiny_policy}", "--prompts=2", "--samples=2", "--length=4",
-         "--steps=500", "--warmup=0", "trainer.micro_batch_size=2"],
+         "--steps=500", "--warmup=0", "trainer.micro_batch_size=2", *QUICK_ENGINES],
         env={**os.environ, "K2RL_TEST_RUN": marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     wait_for_step(bench, _run_dir(scratch, before, bench), 1)
