@@ -256,13 +256,14 @@ class RolloutEngine:
         with self._core_death_named():
             # The engine core's pause itself: AsyncLLM.pause_generation then sleeps 20 ms so that outputs
             # already sent reach their callers first, an ordering nothing here needs, on every call.
-            await self._llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+            # Both calls go to the engine core, which never answers once dead (it may have died idle).
+            await self._unless_core_dies(self._llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False))
             try:
                 added = [asyncio.Event() for _ in requests]
                 pending = [asyncio.ensure_future(self._generate_one(r, self._params(r), a)) for r, a in zip(requests, added)]
                 await asyncio.gather(*(event.wait() for event in added))
             finally:
-                await self._llm.resume_generation()
+                await self._unless_core_dies(self._llm.resume_generation())
             running = set(pending)
             while running:
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -291,12 +292,13 @@ class RolloutEngine:
                 raise EngineCoreDied(f"its vLLM engine core died ({type(error).__name__}: {error})") from None
             raise
 
-    def start_token_budget(self, budget: int) -> None:
-        """Count the tokens of requests with `count_tokens` from now on. Once `budget` (> 0) are
-        generated, every such request still running is aborted and returns what it generated so far
-        (finish reason "abort"), and every later one returns at once with nothing. The engine checks
-        after each of its steps, so the cut does not depend on anyone's timing."""
-        self._counted_tokens = 0
+    def start_token_budget(self, budget: int, counted: int = 0) -> None:
+        """Count the tokens of requests with `count_tokens` from now on, `counted` of them already
+        generated (by the engine this one replaces). Once `budget` (> 0) are generated, every such
+        request still running is aborted and returns what it generated so far (finish reason
+        "abort"), and every later one returns at once with nothing. The engine checks after each of
+        its steps, so the cut does not depend on anyone's timing."""
+        self._counted_tokens = counted
         self._token_budget = budget
 
     def _budget_spent(self) -> bool:

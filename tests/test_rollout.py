@@ -216,6 +216,30 @@ def test_an_engine_killed_mid_rollout_loses_no_episode_and_leaves_no_engine_core
     assert not [pid for pid in engine_core if psutil.pid_exists(pid)]
 
 
+def test_an_engine_restarted_mid_step_gets_what_its_predecessor_left_of_the_token_budget(workers, monkeypatch):
+    """Partial rollout's per-step budget: the tokens the dead engine returned count against its
+    share, so a restart does not hand out the share a second time."""
+    from rollout.engine import GenerationRequest
+
+    _, started = workers
+    pool = started.engines
+    monkeypatch.setattr(pool, "restarts", [0] * len(pool))
+    share = 8
+    counted = [GenerationRequest(f"budget-{i}", tuple(range(5, 20)), max_tokens=share, temperature=1.0, ignore_eos=True,
+                                 count_tokens=True) for i in range(2)]
+    pool.loop.run_until_complete(pool.start_token_budget(share * len(pool)))
+    try:
+        first = pool.loop.run_until_complete(pool.generate(counted[0], 0))
+        assert len(first.token_ids) == share
+        for pid in ray.get(pool.engines[0].engine_core_pids.remote()):
+            os.kill(pid, signal.SIGKILL)
+        after_restart = pool.loop.run_until_complete(pool.generate(counted[1], 0))
+    finally:
+        pool.loop.run_until_complete(pool.start_token_budget(0))
+    assert pool.restarts[0] == 1
+    assert (after_restart.token_ids, after_restart.finish_reason) == ([], "abort")
+
+
 def test_an_engine_whose_core_died_between_steps_is_restarted_by_the_next_weight_update(workers, tiny_policy, monkeypatch):
     config, started = workers
     # Other tests restart the session's engines too: this one starts from a full restart budget.

@@ -66,8 +66,10 @@ class EnginePool:
         self._queued: dict[int, list[tuple[GenerationRequest, asyncio.Future]]] = {}
         self._streams: set[asyncio.Task] = set()
         self._revive_locks: dict[int, asyncio.Lock] = {}
-        # Each engine's share of the current step's token budget (0: none); a restarted engine gets it too.
+        # Each engine's share of the current step's token budget (0: none), and the counted tokens each
+        # engine has returned in this step: a restarted engine gets what its predecessor left of the share.
         self._budget_share = 0
+        self._returned_tokens = [0] * len(self.engines)
 
     def wait_ready(self) -> None:
         """Wait until every engine has started; one that cannot ends the run, naming it and the cause."""
@@ -145,10 +147,13 @@ class EnginePool:
 
     async def _stream(self, engine: int, batch: list[tuple[GenerationRequest, asyncio.Future]]) -> None:
         waiting = {request.request_id: future for request, future in batch}
+        counted = {request.request_id for request, _ in batch if request.count_tokens}
         try:
             async for ref in self.engines[engine].generate.remote([request for request, _ in batch]):
                 for result in await ref:
                     self._load[engine] -= 1
+                    if result.request_id in counted:
+                        self._returned_tokens[engine] += len(result.token_ids)
                     future = waiting.pop(result.request_id)
                     if not future.done():  # its episode may have been cancelled
                         future.set_result(result)
@@ -181,12 +186,15 @@ class EnginePool:
         self._wait_ready(index, self.engines[index], "died and could not be restarted")
         self.load_weights(index)
         if self._budget_share:
-            ray.get(self.engines[index].start_token_budget.remote(self._budget_share))
+            # The tokens the dead engine returned stay in the step; those of its requests in flight
+            # are lost with it, and the requests start over here.
+            ray.get(self.engines[index].start_token_budget.remote(self._budget_share, self._returned_tokens[index]))
 
     async def start_token_budget(self, budget: int) -> None:
         """Start a step's token budget (rollout.partial.max_tokens_per_step), shared evenly among the
         engines: each stops its counted requests once it has generated its share."""
         self._budget_share = -(-budget // len(self.engines))
+        self._returned_tokens = [0] * len(self.engines)
         await asyncio.gather(*(engine.start_token_budget.remote(self._budget_share) for engine in self.engines))
 
     def sequence_logprobs(self, index: int, token_ids: list[int]) -> list[float]:
