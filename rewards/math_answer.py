@@ -14,9 +14,11 @@ limit (5 s for its parse, and for each comparison) is a reward error, not a wron
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import threading
+from collections.abc import Iterator
 
 from math_verify import parse, parser, verify
 from math_verify.errors import TimeoutException
@@ -76,25 +78,32 @@ def math_reward(task: Task, response: str) -> RewardResult:
 # that runs past the limit would score as "no answer" or "wrong", a 0 that says nothing about it.
 # Raised, it is a reward error, counted and left out of the training signal.
 
-def _parse_response(task: Task, response: str, timeout: int | None) -> list:
+@contextlib.contextmanager
+def _over_time_is_an_error(task: Task, timeout: int | None, doing: str) -> Iterator[None]:
+    # math_verify's TimeoutException is a BaseException: the `except Exception` inside passes it on.
     try:
-        return parse(response, parsing_timeout=timeout, raise_on_error=True)
+        yield
     except TimeoutException as error:
-        raise TimeoutError(f"task {task.task_id!r}: math_verify took over {timeout} s to parse the response") from error
-    except Exception:  # noqa: BLE001 - what parse returns for any other failure: no answer
-        return []
+        raise TimeoutError(f"task {task.task_id!r}: math_verify took over {timeout} s to {doing}") from error
+
+
+def _parse_response(task: Task, response: str, timeout: int | None) -> list:
+    with _over_time_is_an_error(task, timeout, "parse the response"):
+        try:
+            return parse(response, parsing_timeout=timeout, raise_on_error=True)
+        except Exception:  # noqa: BLE001 - what parse returns for any other failure: no answer
+            return []
 
 
 def _equal(task: Task, gold: tuple, predicted: list, timeout: int | None) -> bool:
     """Whether any gold answer equals any predicted one, pair by pair as `verify` goes."""
-    for expected, answer in itertools.product(gold, predicted):
-        try:
-            if verify(expected, answer, timeout_seconds=timeout, raise_on_error=True):
-                return True
-        except TimeoutException as error:
-            raise TimeoutError(f"task {task.task_id!r}: math_verify took over {timeout} s to compare the answer") from error
-        except Exception:  # noqa: BLE001 - what verify makes of any other failure: this pair differs
-            continue
+    with _over_time_is_an_error(task, timeout, "compare the answer"):
+        for expected, answer in itertools.product(gold, predicted):
+            try:
+                if verify(expected, answer, timeout_seconds=timeout, raise_on_error=True):
+                    return True
+            except Exception:  # noqa: BLE001 - what verify makes of any other failure: this pair differs
+                continue
     return False
 
 
