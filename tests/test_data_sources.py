@@ -129,11 +129,13 @@ def test_empty_files_have_no_tasks(tmp_path):
     ('{"prompt": "b"', "malformed JSON line"),
     ("[1, 2]", "expected a JSON object, got list"),
 ])
-def test_unreadable_json_line_names_file_and_line(tmp_path, bad_line, problem):
+def test_unreadable_json_line_names_file_and_line(tmp_path, caplog, bad_line, problem):
     path = tmp_path / "tasks.jsonl"
     path.write_text('{"prompt": "a"}\n\n' + bad_line + '\n{"prompt": "c"}\n')
     with pytest.raises(ValueError, match=rf"tasks\.jsonl:3: {problem}"):
         load_tasks(path)
+    # The error is said once: not also by the datasets reader's own log line.
+    assert not caplog.records, caplog.text
 
 
 def test_a_json_lines_file_that_is_not_utf8_names_file_and_line(tmp_path):
@@ -168,7 +170,7 @@ def test_reward_spec_that_is_not_an_object_names_the_row(tmp_path):
         load_tasks(write(tmp_path / "tasks.parquet", rows))
 
 
-def test_unsupported_paths_name_the_formats(tmp_path):
+def test_unsupported_paths_name_the_formats(tmp_path, caplog):
     (tmp_path / "tasks.csv").write_text("prompt,answer\na,1\n")
     (tmp_path / "not-a-dataset").mkdir()
     (tmp_path / "broken.parquet").write_text("not parquet")
@@ -180,3 +182,4 @@ def test_unsupported_paths_name_the_formats(tmp_path):
                           ("broken", "cannot read as a saved Hugging Face dataset")]:
         with pytest.raises(ValueError, match=rf"{name}: {problem}"):
             load_tasks(tmp_path / name)
+        assert not caplog.records, caplog.text

@@ -55,16 +55,18 @@ floats.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow
 import pyarrow.parquet
 from datasets import Dataset, DatasetDict, disable_progress_bars, load_dataset, load_from_disk
+from datasets.utils import logging as datasets_logging
 
 from rl.config import ConfigError
 from rl.records import Task
@@ -139,6 +141,23 @@ def task_from_record(record: Mapping[str, Any], default_id: str) -> Task:
 def _read_rows(path: Path) -> Dataset:
     # Loading a task file is one step of starting a run: no progress bars of its own.
     disable_progress_bars()
+    with _failures_not_logged():
+        return _read_by_format(path)
+
+
+@contextlib.contextmanager
+def _failures_not_logged() -> Iterator[None]:
+    """datasets' readers log why a file failed them before they raise; the error raised here says
+    it once, with the file's line where it can."""
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+
+
+def _read_by_format(path: Path) -> Dataset:
     if path.is_dir():
         return _read_saved_dataset(path)
     if path.suffix in JSON_LINES_SUFFIXES:
