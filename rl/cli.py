@@ -167,6 +167,8 @@ def cmd_score(ns: argparse.Namespace) -> int:
     input_path, output_path = Path(ns.input), Path(ns.output)
     if not input_path.is_file():
         return _fail(f"--input {input_path} does not exist")
+    if not output_path.parent.is_dir():
+        return _fail(f"--output {output_path}: folder {output_path.parent} does not exist")
     if ns.concurrency < 1:
         return _fail(f"--concurrency must be >= 1, got {ns.concurrency}")
     try:
@@ -303,6 +305,8 @@ def cmd_plot(ns: argparse.Namespace) -> int:
         if label in runs:
             return _fail(f"two runs are labelled {label!r}: label them apart with LABEL=PATH")
         runs[label] = Path(path)
+    if not Path(ns.out).parent.is_dir():
+        return _fail(f"--out {ns.out}: folder {Path(ns.out).parent} does not exist")
     try:
         plot_runs(runs, ns.metric, Path(ns.out), ns.x)
     except (FileNotFoundError, ValueError) as error:

@@ -20,12 +20,14 @@ def test_plot_overlays_runs_by_step_and_by_minutes(tmp_path):
         assert out.read_bytes().startswith(b"\x89PNG")
 
 
-def test_plot_names_a_missing_run_or_metric(tmp_path, capsys):
+def test_plot_names_a_missing_run_metric_or_output_folder(tmp_path, capsys):
     run = _run(tmp_path / "a", [{"step": 0, "eval_accuracy": 0.4}])
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) != 0
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert main(["plot", str(run), "--metric", "ptx_loss", "--out", str(tmp_path / "x.png")]) != 0
     assert "has no 'ptx_loss'" in capsys.readouterr().err
+    assert main(["plot", str(run), "--out", str(tmp_path / "no" / "x.png")]) == 2
+    assert capsys.readouterr().err == f"k2rl: error: --out {tmp_path / 'no' / 'x.png'}: folder {tmp_path / 'no'} does not exist\n"
 
 
 def test_plot_takes_paths_with_equals_signs_and_refuses_one_label_twice(tmp_path, capsys):

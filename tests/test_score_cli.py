@@ -34,5 +34,7 @@ def test_score_bad_arguments_are_one_line(tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text("{}\n")
     assert main(["score", "--reward", "nope", "--input", str(source), "--output", str(tmp_path / "o")]) == 2
+    assert main(["score", "--reward", "math", "--input", str(source), "--output", str(tmp_path / "no" / "o.jsonl")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(errors) == 2 and "does not exist" in errors[0] and "unknown reward 'nope'" in errors[1]
+    assert len(errors) == 3 and "does not exist" in errors[0] and "unknown reward 'nope'" in errors[1]
+    assert errors[2] == f"k2rl: error: --output {tmp_path / 'no' / 'o.jsonl'}: folder {tmp_path / 'no'} does not exist"
