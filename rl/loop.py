@@ -27,7 +27,7 @@ from rewards import RewardScorer, check_reward_spec, get_reward
 from rl import stop_signals
 from rl.cluster.placement import resolve_dtype, resolve_layout
 from rl.cluster.workers import Workers
-from rl.config import RunConfig
+from rl.config import ConfigError, RunConfig
 from rl.critique import CRITIQUE_TASK_TYPE, CriticRefinement
 from rl.data import PromptSampler, load_eval_tasks, load_train_pool
 from rl.data.curriculum import Curriculum, SuccessRates
@@ -120,9 +120,13 @@ class Controller:
         self._stop_signal: int | None = None
 
     def prepare(self, model_path: str, resume: bool = False) -> None:
-        """What can fail before any process starts: the PTX data, and (`resume`) the latest usable
-        checkpoint, checked against the model. `run` calls it when nobody did."""
+        """What can fail before any process starts: the run directory, the PTX data, and (`resume`)
+        the latest usable checkpoint, checked against the model. `run` calls it when nobody did."""
         config = self.config
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"run directory {self.run_dir}: cannot create it ({error.strerror}: {error.filename})") from None
         if config.trainer.ptx.path:
             renderer = Renderer.from_pretrained(model_path, config.model.prompt_format)
             self.ptx = PTXData(config.trainer.ptx.path, renderer, config.rollout.max_model_len,
@@ -147,7 +151,6 @@ class Controller:
         if not self._prepared:
             self.prepare(model_path)
         resume = self.resume_from is not None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         handler = _log_to(self.run_dir / "train.log")
         scorer = RewardScorer(config.reward.num_workers)

@@ -152,6 +152,13 @@ def test_cli_a_held_out_task_its_reward_cannot_score(capsys, tmp_path):
     assert lines == ["k2rl: error: task 'h2': cannot parse reward_spec['answer'] ''"]
 
 
+def test_cli_a_run_directory_that_cannot_be_created(capsys, tmp_path, tiny_policy):
+    (tmp_path / "file").write_text("")
+    code, lines = _run_cli(capsys, f"model.path={tiny_policy}", f"--run-dir={tmp_path / 'file' / 'run'}")
+    assert code == 2
+    assert lines == [f"k2rl: error: run directory {tmp_path / 'file' / 'run'}: cannot create it (Not a directory: {tmp_path / 'file' / 'run'})"]
+
+
 def test_a_curriculum_needs_a_difficulty_on_every_task(tmp_path):
     from rl.loop import Controller
 
