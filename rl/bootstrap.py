@@ -341,6 +341,11 @@ def bootstrap(out_dir: Path, spec: BootstrapSpec) -> BootstrapReport:
     out_dir = Path(out_dir).resolve()
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "bootstrap.json").exists():
         raise ValueError(f"{out_dir} holds files but no bootstrap.json (not a built policy): choose an empty or new folder")
+    # The policy is saved beside out_dir and moved there: its folder must exist before minutes of SFT.
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{out_dir}: cannot create its folder ({error.strerror}: {error.filename})") from None
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
     tokenizer = train_tokenizer(spec)

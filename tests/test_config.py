@@ -175,3 +175,11 @@ def test_bootstrap_refuses_a_folder_that_holds_anything_but_a_policy(capsys, tmp
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == [f"k2rl: error: {tmp_path} holds files but no bootstrap.json (not a built policy): choose an empty or new folder"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_bootstrap_refuses_a_folder_it_cannot_create_before_training(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert main(["bootstrap", "--out", str(tmp_path / "file" / "policies" / "default")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"k2rl: error: {tmp_path / 'file' / 'policies' / 'default'}: cannot create its folder "
+                     f"(Not a directory: {tmp_path / 'file' / 'policies'})"]
