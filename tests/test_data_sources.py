@@ -170,6 +170,18 @@ def test_reward_spec_that_is_not_an_object_names_the_row(tmp_path):
         load_tasks(write(tmp_path / "tasks.parquet", rows))
 
 
+@pytest.mark.parametrize(("line", "problem"), [
+    ('{"messages": "hi"}', 'messages must be a list of {"role": ..., "content": ...} objects, got str \'hi\''),
+    ('{"messages": [{"role": "user"}]}', "messages must be a list of .* objects, got the message {'role': 'user'}"),
+    ('{"prompt": "a", "difficulty": "hard"}', "difficulty must be a number, got str 'hard'"),
+])
+def test_a_malformed_field_is_named_with_its_line(tmp_path, line, problem):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"prompt": "a"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"tasks\.jsonl:2: bad task line \(TypeError: {problem}\)"):
+        load_tasks(path)
+
+
 def test_unsupported_paths_name_the_formats(tmp_path, caplog):
     (tmp_path / "tasks.csv").write_text("prompt,answer\na,1\n")
     (tmp_path / "not-a-dataset").mkdir()

@@ -110,7 +110,7 @@ def task_from_record(record: Mapping[str, Any], default_id: str) -> Task:
     present = {name: value for name, value in record.items() if value is not None}
     env = str(present.get("env", ""))
     if "messages" in present:
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in present["messages"])
+        messages = _messages(present["messages"])
     elif "prompt" in present:
         messages = ({"role": "user", "content": str(present["prompt"])},)
     elif env:
@@ -134,8 +134,26 @@ def task_from_record(record: Mapping[str, Any], default_id: str) -> Task:
         reward_spec=reward_spec,
         env=env,
         env_kwargs=_object_field(present, "env_kwargs"),
-        difficulty=float(present["difficulty"]) if "difficulty" in present else None,
+        difficulty=_number_field(present, "difficulty") if "difficulty" in present else None,
     )
+
+
+def _messages(value: Any) -> tuple[dict[str, str], ...]:
+    shape = 'a list of {"role": ..., "content": ...} objects'
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"messages must be {shape}, got {type(value).__name__} {value!r:.80}")
+    for message in value:
+        if not isinstance(message, Mapping) or not {"role", "content"} <= message.keys():
+            raise TypeError(f"messages must be {shape}, got the message {message!r:.80}")
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def _number_field(present: Mapping[str, Any], name: str) -> float:
+    value = present[name]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.80}") from None
 
 
 def _read_rows(path: Path) -> Dataset:
