@@ -110,6 +110,11 @@ class Controller:
         self.lr = config.trainer.lr_schedule()
         self.length_reward = LengthReward(config.reward.length.weight, config.reward.length.warmup_steps)
         self.loss = get_loss(config.trainer.loss)(config.trainer.loss_settings())
+        if config.rollout.n_samples < 2 and not any(self.loss.advantages([0.0, 1.0], ["a", "b"])):
+            raise ConfigError(
+                f"rollout.n_samples must be at least 2 with trainer.loss {config.trainer.loss}: its advantages compare "
+                f"the responses to one prompt, so a single response per prompt learns nothing"
+            )
         self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep)
         self.ptx: PTXData | None = None
         self.resume_from: tuple[Path, LoopState] | None = None

@@ -125,6 +125,15 @@ def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     ]
 
 
+def test_cli_one_sample_per_prompt_with_a_group_relative_loss(capsys, tmp_path):
+    code, lines = _run_cli(capsys, "rollout.n_samples=1", "data.prompts_per_step=2", f"--run-dir={tmp_path}")
+    assert code == 2
+    assert lines == [
+        "k2rl: error: rollout.n_samples must be at least 2 with trainer.loss k2: its advantages compare the responses "
+        "to one prompt, so a single response per prompt learns nothing"
+    ]
+
+
 def test_cli_missing_model_path(capsys, tmp_path):
     code, lines = _run_cli(capsys, f"model.path={tmp_path}", f"--run-dir={tmp_path / 'run'}")
     assert code == 2
