@@ -54,7 +54,7 @@ def _run_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from rl.loop import Controller
+    from rl.loop import Controller, RunFinished
     from rl.run_checkpoint import CheckpointError
     from rollout.environments import EnvironmentConfigError
 
@@ -63,6 +63,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         controller = Controller(config, run_dir)
         model_path = resolve_model_path(config)
         controller.prepare(model_path, resume=ns.resume is not None)
+    except RunFinished as finished:
+        print(f"k2rl: {finished}")
+        return 0
     except (ConfigError, CheckpointError, UnknownRewardError, EnvironmentConfigError, ImportError, ValueError, OSError) as error:
         return _fail(str(error))
 

@@ -34,7 +34,7 @@ from rl.data.curriculum import Curriculum, SuccessRates
 from rl.data.ptx import PTXData
 from rl.evaluation import accuracy
 from rewards.length import LengthReward
-from rl.metrics import MetricsLogger
+from rl.metrics import MetricsLogger, read_metrics
 from rl.records import EpisodeStatus, Task, TrainSample, Trajectory
 from rl.run_checkpoint import (
     CheckpointError,
@@ -51,6 +51,10 @@ from rollout.manager import RolloutManager
 from rollout.rendering import Renderer
 
 log = logging.getLogger("k2rl")
+
+
+class RunFinished(Exception):
+    """A resumed run that already ran all its steps: nothing is left to do."""
 
 
 class FailureLimit(RuntimeError):
@@ -137,6 +141,7 @@ class Controller:
             self.ptx = PTXData(config.trainer.ptx.path, renderer, config.rollout.max_model_len,
                                config.trainer.ptx.eval_size, config.seed)
         if resume:
+            self._check_steps_left()
             path, state = self.checkpoints.latest()
             if state.model_fingerprint != model_fingerprint(model_path):
                 raise CheckpointError(
@@ -144,6 +149,22 @@ class Controller:
                 )
             self.resume_from = path, state
         self._prepared = True
+
+    def _check_steps_left(self) -> None:
+        """A resume goes on from the latest checkpoint, dropping the metrics and final weights of the
+        steps after it: refuse one whose `steps` would drop steps that the run finished, and say when
+        it finished them all (a rerun job's resume is then done at once)."""
+        logged = (self.run_dir / "metrics.jsonl").is_file()
+        ran = max((row["step"] for row in read_metrics(self.run_dir)), default=0) if logged else 0
+        steps = self.config.steps
+        if ran > steps:
+            dropped = f"step {ran}" if ran == steps + 1 else f"steps {steps + 1}-{ran}"
+            raise CheckpointError(
+                f"--resume with steps={steps} would throw away {dropped}, which {self.run_dir} already ran; pass steps={ran} or more"
+            )
+        if ran == steps and (self.run_dir / "final").is_dir():
+            raise RunFinished(f"{self.run_dir} already ran its {steps} steps (final weights in {self.run_dir / 'final'}); "
+                              f"pass steps=N with N > {steps} to train further")
 
     def run(self, model_path: str, on_step: Callable[[int, Workers], None] | None = None,
             workers: Workers | None = None) -> RunSummary:

@@ -163,6 +163,22 @@ def test_resume_refuses_what_it_cannot_do_in_one_line(tiny_policy, tmp_path, cap
     assert line.startswith("k2rl: error: checkpoint ") and "different model" in line
 
 
+def test_resuming_a_finished_run_does_nothing_and_one_that_would_drop_steps_is_refused(tiny_policy, tmp_path, capsys):
+    run_dir = _run_dir_with_checkpoint(tmp_path, tiny_policy)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": step}) + "\n" for step in range(5)))
+    (run_dir / "final").mkdir()
+    # A job that resumes its run whenever it is started again ends at once once the run is done.
+    assert main(["train", f"--resume={run_dir}"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"k2rl: {run_dir} already ran its 4 steps (final weights in {run_dir / 'final'}); pass steps=N with N > 4 to train further"
+    ]
+    # From the checkpoint of step 2, steps=3 would drop the metrics and final weights of step 4.
+    assert _resume_errors(capsys, f"--resume={run_dir}", "steps=3") == [
+        f"k2rl: error: --resume with steps=3 would throw away step 4, which {run_dir} already ran; pass steps=4 or more"
+    ]
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 5 and (run_dir / "final").is_dir()
+
+
 def test_a_ray_address_that_does_not_answer_is_one_line(tiny_policy, tmp_path, capsys):
     errors = _resume_errors(capsys, f"model.path={tiny_policy}", "--ray-address=127.0.0.1:9", f"--run-dir={tmp_path}")
     assert errors == [errors[0]] and errors[0].startswith("k2rl: error: no Ray cluster answers at 127.0.0.1:9")
