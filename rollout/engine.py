@@ -13,15 +13,19 @@ with `load_format="dummy"` reads no checkpoint from disk. An update never meets 
 ever continues on new weights with KV computed by old ones.
 
 vLLM runs its engine core in a child process of this actor. Killing the actor takes that process
-with it (tests/test_rollout.py checks that none is left behind).
+with it (tests/test_rollout.py checks that none is left behind), also when the raylet that would end
+it is gone too: the engine core watches the actor and exits once it is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +44,8 @@ _CORE_EXIT_GRACE_S = 1.0
 # how long a failed engine core may take to exit and write it there.
 _LOG_TAIL_CHARS = 200_000
 _CORE_EXIT_WAIT_S = 5.0
+# How often an engine core checks that the engine actor that started it is still its parent.
+_PARENT_WATCH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,32 @@ def engine_died(error: BaseException) -> bool:
     return isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, EngineCoreDied)
 
 
+def _engine_cores_end_with(actor_pid: int) -> None:
+    """Make the engine core processes that vLLM starts from this process watch it and exit once it
+    is gone. Ray's raylet ends the children of a dead actor, but a signal to a whole process group
+    (`timeout`, a job scheduler's SIGTERM) can end the raylet with the actor, and vLLM's engine core
+    has no watch of its own: it outlived them all, holding its memory."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    EngineCoreProc.run_engine_core = staticmethod(functools.partial(_run_engine_core, actor_pid))
+
+
+def _run_engine_core(actor_pid: int, *args, **kwargs) -> None:
+    """vLLM's engine core (in its own process, where EngineCoreProc is vLLM's own), watched."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    threading.Thread(target=exit_once_orphaned, args=(actor_pid,), name="k2rl-parent-watch", daemon=True).start()
+    EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+def exit_once_orphaned(parent_pid: int) -> None:
+    """End this process once `parent_pid` is no longer its parent (the parent died: the process was
+    handed to a reaper or to init)."""
+    while os.getppid() == parent_pid:
+        time.sleep(_PARENT_WATCH_S)
+    os._exit(1)
+
+
 class RolloutEngine:
     """Run as an async Ray actor (`ray.remote(RolloutEngine)`); one instance holds one vLLM engine."""
 
@@ -192,6 +224,7 @@ class RolloutEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.spec = spec
+        _engine_cores_end_with(os.getpid())
         try:
             self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_arguments(spec)))
         except Exception as error:

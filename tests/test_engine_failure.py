@@ -1,7 +1,11 @@
-"""An engine that cannot start ends `k2rl train` with one line naming it and its cause, and leaves no process behind."""
+"""An engine that cannot start ends `k2rl train` with one line naming it and its cause, and leaves
+no process behind; nor does an engine core whose engine actor is gone."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,3 +37,29 @@ def test_engine_start_failure_is_one_line_and_leaves_no_processes(tiny_policy, r
     assert "head_dim=16" in error_lines[0] and "(the trace: " in error_lines[0], error_lines[0]
 
     assert_all_exit(lambda: run_processes() - before, 20, "the failed run")
+
+
+def _exited(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_an_engine_core_ends_once_the_process_that_started_it_is_gone():
+    """The watch that `RolloutEngine` gives vLLM's engine cores, in a parent killed with SIGKILL:
+    nothing of the parent runs to end its child, and no raylet is there to."""
+    watched = "import sys; from rollout.engine import exit_once_orphaned; exit_once_orphaned(int(sys.argv[1]))"
+    parent_code = (
+        "import os, subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', {watched!r}, str(os.getpid())]); "
+        "print(child.pid, flush=True); time.sleep(600)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    assert_all_exit(lambda: [] if _exited(child) else [child], 10, "the orphaned engine core")
+
