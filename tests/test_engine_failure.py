@@ -62,4 +62,3 @@ def test_an_engine_core_ends_once_the_process_that_started_it_is_gone():
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     assert_all_exit(lambda: [] if _exited(child) else [child], 10, "the orphaned engine core")
-
